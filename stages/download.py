@@ -1,0 +1,263 @@
+"""Stage 1, download: fetch the data named by `data.source` and decode it once into data/prepared.
+
+    python -m stages.download --raw data/raw --out data/prepared --stats reports/download.json
+
+`data.source` is `cifar10` or `cifar100` (the official archives, MD5-verified, taken from the
+raw folder when a copy is already there), an http(s) URL of an archive, or a local folder or
+archive in image-folder layout (see stages/image_folders.py) or in CIFAR python format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.cifar import OFFICIAL, OfficialArchive, cifar_format_of, read_cifar_archive, resize_images
+from stages.datasets import PreparedWriter
+from stages.errors import StageError, run_stage
+from stages.image_folders import BadImage, Layout, decode_image, open_image_folder, plan_layout
+from stages.params import DataParams, load_params
+
+log = logging.getLogger("download")
+
+
+def main() -> None:
+    args = parse_args()
+    params = load_params()
+    started = time.perf_counter()
+    raw_dir = project_root() / args.raw
+    with PreparedWriter(args.out) as writer:
+        meta = prepare(params.data, params.seed, raw_dir, writer)
+        meta = writer.commit(meta)
+    stats = {
+        "download_seconds": round(time.perf_counter() - started, 2),
+        "train_images": meta["counts"]["train"],
+        "test_images": meta["counts"]["test"],
+        "skipped_images": len(meta["skipped"]),
+    }
+    write_json(Path(args.stats), stats)
+    log.info("prepared %s: %d train and %d test images, %d classes, in %.1f s", args.out,
+             stats["train_images"], stats["test_images"], len(meta["classes"]), stats["download_seconds"])
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", default="data/raw", help="where downloaded archives are kept")
+    parser.add_argument("--out", default="data/prepared", help="the prepared data set to write")
+    parser.add_argument("--stats", default="reports/download.json", help="timings and counts")
+    return parser.parse_args()
+
+
+def prepare(data: DataParams, seed: int, raw_dir: Path, writer: PreparedWriter) -> dict:
+    """Decode the source into the writer's folder; return the data set's description."""
+    if data.source in OFFICIAL:
+        spec = OFFICIAL[data.source]
+        archive = fetch_official(spec, raw_dir)
+        return prepare_cifar(archive, spec, data, writer) | {"source_md5": spec.md5}
+    path = fetch_url(data.source, raw_dir) if is_url(data.source) else resolve_local(data.source)
+    spec = cifar_format_of(path) if path.is_file() else None
+    if spec is not None:
+        return prepare_cifar(path, spec, data, writer) | {"source_sha256": sha256_of(path)}
+    return prepare_image_folder(path, data, seed, writer)
+
+
+# --- where the source is -------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The user's project folder, also when DVC runs a queued experiment in a temporary copy.
+
+    `dvc queue start` runs each experiment in <project>/.dvc/tmp/exps/<tmp>/, where a source
+    the user wrote as `../datasets/x.tar.gz` would point somewhere else; relative sources
+    and the raw folder keep meaning what they mean in the user's project.
+    """
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for index in range(len(parts) - 2):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return cwd
+
+
+def resolve_local(source: str) -> Path:
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else project_root() / path
+    if not path.exists():
+        raise StageError(
+            f"data.source '{source}' does not exist (looked at {path}); accepted: cifar10, cifar100, "
+            "an http(s) URL, or a local folder or .tar.gz/.tgz/.zip archive laid out as train/<class>/*"
+        )
+    return path
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
+
+
+# --- fetching ------------------------------------------------------------------------------
+
+
+def fetch_official(spec: OfficialArchive, raw_dir: Path) -> Path:
+    """The verified official archive: the copy in raw_dir if there is one, else downloaded."""
+    archive = raw_dir / spec.filename
+    if archive.exists():
+        log.info("using %s, already present (no network needed)", archive)
+    else:
+        download(spec.url, archive, offline_hint=(
+            f"copy the official archive {spec.filename} (MD5 {spec.md5}) into {raw_dir}/, or set "
+            "data.source to a local image folder or archive, e.g. "
+            "`dvc exp run -S data.source=../shared/datasets/cifar10-jpeg.tar.gz`"
+        ))
+    actual = md5_of(archive)
+    if actual != spec.md5:
+        raise StageError(
+            f"{archive} has MD5 {actual} but the official {spec.filename} has MD5 {spec.md5}: the file is "
+            "truncated, corrupt or not the official archive; delete it and run again, or replace it with the official file"
+        )
+    return archive
+
+
+def fetch_url(url: str, raw_dir: Path) -> Path:
+    """The archive at `url`, downloaded once into raw_dir and reused from there."""
+    filename = Path(urllib.parse.urlparse(url).path).name or "download"
+    archive = raw_dir / filename
+    if archive.exists():
+        log.info("using %s, downloaded before from %s", archive, url)
+        return archive
+    download(url, archive, offline_hint=(
+        f"download it on a connected machine and either place it at {archive} or set data.source to its local path"
+    ))
+    return archive
+
+
+def download(url: str, destination: Path, offline_hint: str) -> None:
+    """Stream `url` into `destination`, atomically: a failed download leaves nothing behind."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", url)
+    handle, partial_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    partial = Path(partial_name)
+    try:
+        with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=None) as bar:
+                while block := response.read(1 << 20):
+                    file.write(block)
+                    bar.update(len(block))
+        os.replace(partial, destination)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise StageError(f"could not download {url} ({reason}). Working offline? {offline_hint}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def md5_of(path: Path) -> str:
+    return _digest(path, hashlib.md5())
+
+
+def sha256_of(path: Path) -> str:
+    return _digest(path, hashlib.sha256())
+
+
+def _digest(path: Path, digest) -> str:
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def prepare_cifar(archive: Path, spec: OfficialArchive, data: DataParams, writer: PreparedWriter) -> dict:
+    classes, splits = read_cifar_archive(archive, spec)
+    for split, (images, labels) in splits.items():
+        if data.image_size != 32:
+            images = resize_images(images, data.image_size)
+        target = writer.allocate(split, len(images), data.image_size)
+        target[:] = images
+        writer.finish_split(split, target, labels)
+    return describe_source(data, classes, kind=spec.folder, made_test_split=False, skipped=[])
+
+
+def prepare_image_folder(path: Path, data: DataParams, seed: int, writer: PreparedWriter) -> dict:
+    source = open_image_folder(path)
+    layout = plan_layout(source.listing(), source.label, data.test_fraction, seed)
+    if len(layout.names["test"]) == 0:
+        raise StageError(
+            f"{source.label}: no test images: add a test/<class>/ folder or more images per class "
+            f"(data.test_fraction {data.test_fraction} of each class goes to test, keeping one for training)"
+        )
+    skipped = decode_into(writer, source, layout, data)
+    kind = "image folder" if path.is_dir() else "image-folder archive"
+    meta = describe_source(data, layout.classes, kind=kind, made_test_split=layout.made_test_split, skipped=skipped)
+    if path.is_file():
+        meta["source_sha256"] = sha256_of(path)
+    return meta
+
+
+def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams) -> list[str]:
+    """Decode every image of the layout into its slot; return the names of skipped images."""
+    slots = {}  # member name -> (split, index)
+    arrays, keep = {}, {}
+    for split, names in layout.names.items():
+        arrays[split] = writer.allocate(split, len(names), data.image_size)
+        keep[split] = np.ones(len(names), dtype=bool)
+        slots.update((name, (split, index)) for index, name in enumerate(names))
+
+    skipped = []
+    with tqdm(total=len(slots), unit="img", desc="decoding", disable=None) as bar:
+        for name, payload in source.read(set(slots)):
+            split, index = slots[name]
+            try:
+                arrays[split][index] = decode_image(payload, data.image_size, f"{source.label}: {name}")
+            except BadImage as error:
+                if data.on_bad_image == "error":
+                    raise StageError(f"{error}; fix or remove the file, or set data.on_bad_image: skip") from None
+                log.warning("skipping %s", error)
+                keep[split][index] = False
+                skipped.append(name)
+            bar.update()
+    for split in layout.names:
+        if not keep[split].any():
+            raise StageError(f"{source.label}: every {split} image was unreadable")
+        writer.finish_split(split, arrays[split], layout.labels[split], keep[split])
+    if skipped:
+        log.warning("skipped %d unreadable image(s) (data.on_bad_image: skip)", len(skipped))
+    return sorted(skipped)
+
+
+def describe_source(data: DataParams, classes: list[str], kind: str, made_test_split: bool, skipped: list[str]) -> dict:
+    return {
+        "source": data.source,
+        "source_kind": kind,
+        "classes": classes,
+        "image_size": data.image_size,
+        "made_test_split": made_test_split,
+        "skipped": skipped,
+    }
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write JSON atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,290 @@
+"""Image-folder data sets: a directory, or a .tar.gz/.tgz/.tar/.zip archive of one.
+
+Expected layout, possibly wrapped in one top-level folder:
+
+    train/<class>/<image>      required
+    test/<class>/<image>       optional; without it `download` makes a stratified split
+
+Archives are read member by member without extracting them, so no member can land anywhere
+on disk; members with absolute paths, `..` or links leading outside are refused outright.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from stages.errors import StageError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz", ".zip")
+# Every format Pillow can open, so a folder of .webp or .tif needs nothing special.
+IMAGE_SUFFIXES = frozenset(suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+# Files that archivers and desktops add beside the data, never part of it.
+IGNORED_NAMES = ("__MACOSX", ".DS_Store", "Thumbs.db")
+
+
+class BadImage(StageError):
+    """A file that should be an image but cannot be decoded."""
+
+
+@dataclass
+class Listing:
+    """What a source holds: file names (posix, relative to its root) and folder names."""
+
+    files: list[str]
+    folders: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Layout:
+    """Where every image goes: its split, its index in that split and its label."""
+
+    classes: list[str]
+    names: dict[str, list[str]]  # split -> member names in prepared order
+    labels: dict[str, np.ndarray]  # split -> (N,) class indices
+    made_test_split: bool
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# --- reading sources -----------------------------------------------------------------------
+
+
+class FolderSource:
+    def __init__(self, root: Path):
+        self.root = root
+        self.label = str(root)
+
+    def listing(self) -> Listing:
+        files, folders = [], set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            relative = Path(dirpath).relative_to(self.root).as_posix()
+            prefix = "" if relative == "." else relative + "/"
+            folders.update(prefix + name for name in dirnames)
+            files.extend(prefix + name for name in filenames)
+        return Listing(sorted(files), folders)
+
+    def read(self, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        for name in sorted(names):
+            yield name, (self.root / name).read_bytes()
+
+
+class TarSource:
+    def __init__(self, path: Path):
+        self.path = path
+        self.label = str(path)
+
+    def _open(self) -> tarfile.TarFile:
+        try:
+            return tarfile.open(self.path, "r:*")
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise StageError(f"{self.path} is not a readable tar archive ({error}); is it truncated or corrupt?") from None
+
+    def listing(self) -> Listing:
+        files, folders = [], set()
+        with self._open() as archive:
+            try:
+                members = archive.getmembers()
+            except (tarfile.TarError, OSError, EOFError) as error:
+                raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
+            for member in members:
+                name = safe_member_name(member.name, self.path)
+                if member.issym() or member.islnk():
+                    self._check_link(member, name)
+                if member.isdir():
+                    folders.add(name)
+                elif member.isfile() or member.issym() or member.islnk():
+                    files.append(name)
+        return Listing(files, folders)
+
+    def _check_link(self, member: tarfile.TarInfo, name: str) -> None:
+        # Hard link targets are archive paths; symlink targets are relative to the link's folder.
+        target = member.linkname if member.islnk() else posixpath.join(posixpath.dirname(name), member.linkname)
+        if member.linkname.startswith("/") or posixpath.normpath(target).startswith(".."):
+            raise StageError(
+                f"{self.path}: refusing member '{member.name}', a link to '{member.linkname}' outside the archive"
+            )
+
+    def read(self, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        with self._open() as archive:
+            try:
+                for member in archive:
+                    name = safe_member_name(member.name, self.path)
+                    if name in names:
+                        yield name, archive.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as error:
+                raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
+
+
+class ZipSource:
+    def __init__(self, path: Path):
+        self.path = path
+        self.label = str(path)
+
+    def _open(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise StageError(f"{self.path} is not a readable zip archive ({error}); is it truncated or corrupt?") from None
+
+    def listing(self) -> Listing:
+        files, folders = [], set()
+        with self._open() as archive:
+            for info in archive.infolist():
+                name = safe_member_name(info.filename, self.path)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise StageError(f"{self.path}: refusing member '{info.filename}': links are not allowed in zip archives")
+                if info.is_dir():
+                    folders.add(name)
+                else:
+                    files.append(name)
+        return Listing(files, folders)
+
+    def read(self, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        with self._open() as archive:
+            try:
+                for info in archive.infolist():
+                    name = safe_member_name(info.filename, self.path)
+                    if name in names:
+                        yield name, archive.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
+
+
+def open_image_folder(path: Path) -> FolderSource | TarSource | ZipSource:
+    if path.is_dir():
+        return FolderSource(path)
+    if path.name.lower().endswith(".zip"):
+        return ZipSource(path)
+    if is_archive(path):
+        return TarSource(path)
+    raise StageError(
+        f"data.source '{path}' is neither a folder nor an archive; "
+        f"give a folder or a {'/'.join(ARCHIVE_SUFFIXES)} file laid out as train/<class>/*"
+    )
+
+
+def safe_member_name(name: str, archive: Path) -> str:
+    """The member's path with './' and trailing '/' removed; absolute paths and '..' refused."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise StageError(f"{archive}: refusing member '{name}': absolute paths and '..' would leave the extraction folder")
+    return "/".join(parts)
+
+
+# --- the layout ----------------------------------------------------------------------------
+
+
+def plan_layout(listing: Listing, source_label: str, test_fraction: float, seed: int) -> Layout:
+    """Find train/ (and test/) under at most one wrapper folder and give every image its place."""
+    files = [name for name in listing.files if not _ignored(name)]
+    folders = {name for name in listing.folders if not _ignored(name)}
+    folders |= {posixpath.dirname(name) for name in files} - {""}
+    root = _find_root(files, folders, source_label)
+
+    by_split: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "test"):
+        split_dir = f"{root}{split}"
+        if split_dir in folders:
+            by_split[split] = _images_by_class(files, folders, split_dir, source_label)
+
+    classes = sorted(by_split["train"])
+    if "test" in by_split:
+        unknown = sorted(set(by_split["test"]) - set(classes))
+        if unknown:
+            raise StageError(f"{source_label}: test/ has classes that train/ lacks: {', '.join(unknown)}")
+        names = {split: [] for split in ("train", "test")}
+        labels = {split: [] for split in ("train", "test")}
+        for split, per_class in by_split.items():
+            for label, name in enumerate(classes):
+                members = per_class.get(name, [])
+                names[split] += members
+                labels[split] += [label] * len(members)
+        return Layout(classes, names, {s: np.array(labels[s], dtype=np.int64) for s in labels}, made_test_split=False)
+    return _stratified_layout(classes, by_split["train"], test_fraction, seed)
+
+
+def _ignored(name: str) -> bool:
+    return any(part in IGNORED_NAMES or part.startswith(".") for part in name.split("/"))
+
+
+def _find_root(files: list[str], folders: set[str], source_label: str) -> str:
+    if "train" in folders:
+        return ""
+    top_level = {name.split("/")[0] for name in files} | {name.split("/")[0] for name in folders}
+    if len(top_level) == 1:
+        wrapper = top_level.pop()
+        if f"{wrapper}/train" in folders:
+            return wrapper + "/"
+    raise StageError(
+        f"{source_label}: no train/ folder found; expected train/<class>/<image> "
+        "(and optionally test/<class>/<image>), at the top or inside one folder"
+    )
+
+
+def _images_by_class(files: list[str], folders: set[str], split_dir: str, source_label: str) -> dict[str, list[str]]:
+    class_names = sorted(name.rsplit("/", 1)[1] for name in folders if posixpath.dirname(name) == split_dir)
+    if not class_names:
+        raise StageError(f"{source_label}: {split_dir}/ has no class folders; expected {split_dir}/<class>/<image>")
+    per_class = {name: [] for name in class_names}
+    for file in files:
+        if file.startswith(split_dir + "/") and Path(file).suffix.lower() in IMAGE_SUFFIXES:
+            class_name = file[len(split_dir) + 1 :].split("/")[0]
+            if class_name in per_class:
+                per_class[class_name].append(file)
+    empty = [name for name, members in per_class.items() if not members]
+    if empty:
+        raise StageError(
+            f"{source_label}: class folder{'s' if len(empty) > 1 else ''} {', '.join(f'{split_dir}/{e}' for e in empty)} "
+            f"ha{'ve' if len(empty) > 1 else 's'} no images (readable suffixes: .jpg, .png, .webp, .bmp, .tif, ...)"
+        )
+    return {name: sorted(members) for name, members in per_class.items()}
+
+
+def _stratified_layout(classes: list[str], per_class: dict[str, list[str]], test_fraction: float, seed: int) -> Layout:
+    # Per class by hand rather than sklearn's train_test_split(stratify=...): that refuses classes
+    # with a single image and test sets smaller than the number of classes, and small data sets
+    # are normal here. A class of n images gives round(n * test_fraction) to test, keeping at
+    # least one image for training.
+    rng = np.random.default_rng(seed)
+    names = {"train": [], "test": []}
+    labels = {"train": [], "test": []}
+    for label, class_name in enumerate(classes):
+        members = per_class[class_name]
+        order = rng.permutation(len(members))
+        test_count = min(int(round(len(members) * test_fraction)), len(members) - 1)
+        test_picks = set(order[:test_count].tolist())
+        for index, member in enumerate(members):
+            split = "test" if index in test_picks else "train"
+            names[split].append(member)
+            labels[split].append(label)
+    return Layout(classes, names, {s: np.array(labels[s], dtype=np.int64) for s in labels}, made_test_split=True)
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
+    """(image_size, image_size, 3) uint8 RGB: shorter side resized, centre cropped."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # draft() lets the JPEG decoder scale down while decoding: large photos decode ~4x faster.
+            image.draft("RGB", (image_size, image_size))
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise BadImage(f"{name}: cannot be decoded as an image ({error})") from None

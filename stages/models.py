@@ -1,0 +1,140 @@
+"""The networks `train.model` names, and how a trained one is saved and loaded.
+
+A checkpoint is a plain dict of tensors, strings and numbers, loadable with
+`torch.load(weights_only=True)`: nothing in it is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Images in [0, 1] → per-channel standardised; the statistics travel with the weights."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+class LeNet(nn.Module):
+    """The classic PyTorch tutorial network: conv 6/16, fully connected 120/84."""
+
+    def __init__(self, num_classes: int, image_size: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+def conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+    """conv → max-pool → BN → GELU → conv → BN → GELU: the airbench block, one resolution halving."""
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(channels_out),
+        nn.GELU(),
+        nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels_out),
+        nn.GELU(),
+    )
+
+
+class ConvNet(nn.Module):
+    """A fast CIFAR network in the shape of airbench (Jordan, 2024): a frozen 2x2 patch-whitening
+    layer fitted to the training images, three conv blocks, global max-pool, a linear head."""
+
+    WHITENING_PATCH = 2
+
+    def __init__(self, num_classes: int, widths: list[int]):
+        super().__init__()
+        whitened = 2 * 3 * self.WHITENING_PATCH**2  # each eigenvector and its negation
+        self.whiten = nn.Conv2d(3, whitened, self.WHITENING_PATCH, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.body = nn.Sequential(
+            nn.GELU(),
+            conv_block(whitened, widths[0]),
+            conv_block(widths[0], widths[1]),
+            conv_block(widths[1], widths[2]),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The 1/9 scale on the logits follows airbench: it keeps early softmax outputs soft.
+        return self.head(self.body(self.whiten(images))) / 9
+
+    @torch.no_grad()
+    def fit_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first layer to the ZCA-like whitening of 2x2 patches of `images` (N, 3, H, W), normalised."""
+        patches = images.float().unfold(2, self.WHITENING_PATCH, 1).unfold(3, self.WHITENING_PATCH, 1)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * self.WHITENING_PATCH**2)
+        patches = patches - patches.mean(dim=0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).flip(0)
+        filters = filters.reshape(-1, 3, self.WHITENING_PATCH, self.WHITENING_PATCH)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+
+
+class Classifier(nn.Module):
+    """Normalisation followed by the network: takes float images in [0, 1], (N, 3, H, W)."""
+
+    def __init__(self, network: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(self.normalize(images))
+
+
+def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int],
+                mean: list[float], std: list[float]) -> Classifier:
+    if architecture == "lenet":
+        if image_size < 16:
+            raise ValueError(f"lenet needs data.image_size ≥ 16 (got {image_size})")
+        network: nn.Module = LeNet(num_classes, image_size)
+    elif architecture == "convnet":
+        network = ConvNet(num_classes, widths)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    return Classifier(network, mean, std)
+
+
+def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:
+    """Save weights plus what is needed to use them (see `load_checkpoint`), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {**description, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    partial = path.with_name(f".{path.name}.part")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """The model in eval mode and its description (classes, image_size, normalization, params, ...)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_model(
+        checkpoint["architecture"], len(checkpoint["classes"]), checkpoint["image_size"],
+        checkpoint["widths"], checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"],
+    )
+    model.load_state_dict(checkpoint.pop("state_dict"))
+    return model.eval(), checkpoint
