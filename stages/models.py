@@ -6,11 +6,12 @@ A checkpoint is a plain dict of tensors, strings and numbers, loadable with
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from stages.outputs import atomic_path
 
 
 class Normalize(nn.Module):
@@ -122,11 +123,9 @@ def build_model(architecture: str, num_classes: int, image_size: int, widths: li
 
 def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:
     """Save weights plus what is needed to use them (see `load_checkpoint`), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {**description, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    partial = path.with_name(f".{path.name}.part")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        torch.save(checkpoint, partial)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:

@@ -99,7 +99,7 @@ def load_training_set(prepared: Path, augmented: Path, compute: Compute) -> Imag
 
 
 def to_image_set(split, compute: Compute) -> ImageSet:
-    return to_image_set_arrays(np.asarray(split.images), split.labels, compute)
+    return to_image_set_arrays(np.array(split.images), split.labels, compute)
 
 
 def to_image_set_arrays(images: np.ndarray, labels: np.ndarray, compute: Compute) -> ImageSet:

@@ -1,0 +1,115 @@
+"""Stage 4, evaluate: score the trained model on the test split with scikit-learn's metrics.
+
+    python -m stages.evaluate models/model.pt data/prepared --metrics reports/metrics.json \
+        --per-class reports/per_class.csv --predictions reports/predictions.csv
+
+Writes the headline metrics (fractions in 0-1, top level, so `dvc exp show` columns stay put),
+the per-class report, and one `image,actual,predicted,confidence` row per test image: DVC draws
+the confusion matrix from it, the report picks its mistakes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, classification_report
+
+from stages.datasets import load_split
+from stages.errors import run_stage
+from stages.hardware import Compute, resolve_compute
+from stages.models import Classifier, load_checkpoint
+from stages.outputs import atomic_path, write_json
+from stages.params import load_params
+
+log = logging.getLogger("evaluate")
+
+
+def main() -> None:
+    args = parse_args()
+    settings = load_params().evaluate
+    model, description = load_checkpoint(args.model)
+    trained_with = description["params"]["train"]
+    compute = resolve_compute(trained_with["device"], trained_with["precision"])
+    model = model.to(compute.device, memory_format=torch.channels_last)
+    test = load_split(args.prepared, "test")
+    classes = description["classes"]
+
+    started = time.perf_counter()
+    probabilities = predict(model, test.images, compute, settings.batch_size, settings.tta == "flip")
+    eval_seconds = time.perf_counter() - started
+    predicted = probabilities.argmax(axis=1)
+
+    report = classification_report(test.labels, predicted, labels=range(len(classes)), target_names=classes,
+                                   output_dict=True, zero_division=0)
+    metrics = headline_metrics(test.labels, predicted, report) | {
+        "test_images": len(test.labels), "eval_seconds": round(eval_seconds, 2), "tta": settings.tta,
+    }
+    write_json(args.metrics, metrics)
+    write_csv(args.per_class, per_class_table(report, classes))
+    write_csv(args.predictions, prediction_table(test.labels, predicted, probabilities, classes))
+    log.info("accuracy %.4f, macro F1 %.4f on %d test images (%s, %.1f s)", metrics["accuracy"], metrics["f1_macro"],
+             len(test.labels), compute.describe(), eval_seconds)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the trained model (from train)")
+    parser.add_argument("prepared", help="the prepared data set (from download)")
+    parser.add_argument("--metrics", default="reports/metrics.json")
+    parser.add_argument("--per-class", default="reports/per_class.csv")
+    parser.add_argument("--predictions", default="reports/predictions.csv")
+    return parser.parse_args()
+
+
+@torch.inference_mode()
+def predict(model: Classifier, images: np.ndarray, compute: Compute, batch_size: int, with_flip: bool) -> np.ndarray:
+    """Class probabilities (N, classes) for (N, H, W, 3) uint8 images, read from the memory map in slices."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        batch = batch.to(compute.device).float().div_(255)
+        with compute.autocast():
+            probabilities = model(batch).float().softmax(dim=1)
+            if with_flip:
+                # Test-time augmentation: a mirrored image is as likely as the original.
+                probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
+        outputs.append(probabilities.cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def headline_metrics(labels: np.ndarray, predicted: np.ndarray, report: dict) -> dict:
+    metrics = {"accuracy": accuracy_score(labels, predicted)}
+    for average in ("macro", "weighted"):
+        for name in ("precision", "recall", "f1"):
+            metrics[f"{name}_{average}"] = report[f"{average} avg"][f"{name}-score" if name == "f1" else name]
+    return {name: round(float(value), 6) for name, value in metrics.items()}
+
+
+def per_class_table(report: dict, classes: list[str]) -> pd.DataFrame:
+    rows = [{"class": name, "precision": report[name]["precision"], "recall": report[name]["recall"],
+             "f1": report[name]["f1-score"], "support": int(report[name]["support"])} for name in classes]
+    return pd.DataFrame(rows).round(6)
+
+
+def prediction_table(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    names = np.array(classes, dtype=object)
+    return pd.DataFrame({
+        "image": np.arange(len(labels)),
+        "actual": names[labels],
+        "predicted": names[predicted],
+        "confidence": probabilities.max(axis=1).round(6),
+    })
+
+
+def write_csv(path: str, table: pd.DataFrame) -> None:
+    with atomic_path(path) as partial:
+        table.to_csv(partial, index=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)
