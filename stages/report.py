@@ -1,0 +1,454 @@
+"""Stage 5, report: gather what the earlier stages wrote into one page to read, in Markdown and HTML.
+
+    python -m stages.report --prepared data/prepared --model models/model.pt --reports reports \\
+        --markdown reports/report.md --html reports/report.html
+
+Reads params.yaml (shown whole), data/prepared/meta.json, the model's description and, under
+--reports, download.json, augment.json, augment_preview.png, train/ (DVCLive), metrics.json,
+per_class.csv and predictions.csv. Writes the two reports plus confusion.png and
+learning_curves.png beside them; the Markdown links the pictures, the HTML embeds them, so that
+report.html is one self-contained file to send or archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import matplotlib
+
+matplotlib.use("Agg")  # before anything imports pyplot: the stage draws files, never windows
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+from ruamel.yaml import YAML
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+from stages.errors import StageError, run_stage
+from stages.hardware import cpu_model_name
+from stages.models import load_checkpoint
+from stages.params import Params, load_params
+
+log = logging.getLogger("report")
+
+LIBRARIES = ("torch", "torchvision", "numpy", "scikit-learn", "dvc", "dvclive")
+HISTORY = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
+# Past this many classes the counts no longer fit in the confusion matrix's cells.
+MAX_CLASSES_WITH_COUNTS = 30
+
+
+@dataclass(frozen=True)
+class Picture:
+    title: str
+    path: Path  # where the Markdown finds it
+    png: bytes  # what the HTML embeds
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+
+
+# A section's blocks: a paragraph (str), a table, a picture or a code listing; each renderer
+# below knows how to write each kind, so both reports say the same thing.
+Block = str | pd.DataFrame | Picture | Code
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: list[Block]
+
+
+def main() -> None:
+    args = parse_args()
+    params = load_params()
+    inputs = locate_inputs(Path(args.prepared), Path(args.model), Path(args.reports))
+
+    meta = read_json(inputs["meta"])
+    download = read_json(inputs["download"])
+    augment = read_json(inputs["augment"])
+    _, trained = load_checkpoint(inputs["model"])  # the model's description: architecture, params, ...
+    train_summary = read_json(inputs["train_summary"])
+    metrics = read_json(inputs["metrics"])
+    per_class = read_csv(inputs["per_class"], ["class", "precision", "recall", "f1", "support"], "evaluate")
+    predictions = read_csv(inputs["predictions"], ["image", "actual", "predicted", "confidence"], "evaluate")
+    history = read_history(inputs["history"])
+
+    reports = Path(args.reports)
+    confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, meta["classes"]))
+    curves = Picture("Learning curves", reports / "learning_curves.png", learning_curves_png(history))
+    preview = Picture("Augmented training samples", inputs["preview"], inputs["preview"].read_bytes())
+
+    title = f"{trained['architecture']} on {Path(meta['source']).name}"
+    sections = [
+        headline_section(metrics, trained, train_summary),
+        per_class_section(per_class),
+        confusion_section(confusion, predictions),
+        learning_curves_section(curves, train_summary),
+        data_section(meta, download, augment, preview),
+        params_section(params, trained["params"]),
+        provenance_section(meta, trained, train_summary),
+        wall_times_section(download, augment, train_summary, metrics),
+    ]
+
+    # Everything is drawn and rendered before the first write, so a failure leaves no new file.
+    markdown_path, html_path = Path(args.markdown), Path(args.html)
+    write_atomically(confusion.path, confusion.png)
+    write_atomically(curves.path, curves.png)
+    write_atomically(markdown_path, render_markdown(title, sections, markdown_path.parent).encode())
+    write_atomically(html_path, render_html(title, sections).encode())
+    log.info("wrote %s and %s: test accuracy %.2f%%", markdown_path, html_path, 100 * metrics["accuracy"])
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepared", default="data/prepared", help="the prepared data set (from download)")
+    parser.add_argument("--model", default="models/model.pt", help="the trained model (from train)")
+    parser.add_argument("--reports", default="reports", help="the folder earlier stages wrote their reports to")
+    parser.add_argument("--markdown", default="reports/report.md", help="the Markdown report to write")
+    parser.add_argument("--html", default="reports/report.html", help="the self-contained HTML report to write")
+    return parser.parse_args()
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+def locate_inputs(prepared: Path, model: Path, reports: Path) -> dict[str, Path]:
+    """Every input's path; raise StageError naming each missing one and the stage that writes it."""
+    live = reports / "train"
+    inputs = {
+        "meta": (prepared / "meta.json", "download"),
+        "download": (reports / "download.json", "download"),
+        "augment": (reports / "augment.json", "augment"),
+        "preview": (reports / "augment_preview.png", "augment"),
+        "model": (model, "train"),
+        "train_summary": (live / "metrics.json", "train"),
+        "metrics": (reports / "metrics.json", "evaluate"),
+        "per_class": (reports / "per_class.csv", "evaluate"),
+        "predictions": (reports / "predictions.csv", "evaluate"),
+    }
+    # The test curves are optional (train.test_each_epoch); these three are logged every epoch.
+    for name in ("train/loss", "train/accuracy", "lr"):
+        inputs[name] = (live / "plots" / "metrics" / f"{name}.tsv", "train")
+    missing = [f"{path} (written by stage {stage})" for path, stage in inputs.values() if not path.is_file()]
+    if missing:
+        raise StageError("missing input; run the earlier stages first (`dvc repro report` runs what is needed):"
+                         + "".join(f"\n  - {line}" for line in missing))
+    return {name: path for name, (path, _) in inputs.items()} | {"history": live / "plots" / "metrics"}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StageError(f"{path} is not valid JSON ({error}); run the stage that writes it again") from None
+
+
+def read_csv(path: Path, columns: list[str], stage: str) -> pd.DataFrame:
+    # Class names stay strings: pandas would otherwise read a class "1" as a number and a
+    # class "None" or "NA" as missing.
+    table = pd.read_csv(path, dtype={"class": str, "image": str, "actual": str, "predicted": str},
+                        keep_default_na=False)
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise StageError(f"{path} lacks the column(s) {', '.join(missing)}; stage {stage} writes "
+                         f"{', '.join(columns)}: run it again")
+    return table
+
+
+def read_history(folder: Path) -> dict[str, pd.Series]:
+    """Each metric DVCLive logged per epoch, indexed by epoch from 1; the test ones may be absent."""
+    history = {}
+    for name in HISTORY:
+        path = folder / f"{name}.tsv"
+        if path.is_file():
+            table = pd.read_csv(path, sep="\t")
+            # DVCLive counts steps from 0, one step per epoch; its value column is the file's stem.
+            history[name] = table.set_index(table["step"] + 1)[path.stem].rename_axis("epoch")
+    return history
+
+
+# --- pictures ------------------------------------------------------------------------------
+
+
+def confusion_png(predictions: pd.DataFrame, classes: list[str]) -> bytes:
+    """Counts in the cells; colours by each row's share, so a rare class's mistakes show as much as a common one's."""
+    unknown = sorted((set(predictions["actual"]) | set(predictions["predicted"])) - set(classes))
+    if unknown:
+        raise StageError(f"predictions.csv names classes the data set does not have: {', '.join(unknown)}; "
+                         "run stage evaluate again")
+    counts = confusion_matrix(predictions["actual"], predictions["predicted"], labels=classes)
+    row_share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    side = min(max(5.0, 0.5 * len(classes)), 24.0)
+    figure = Figure(figsize=(side + 1.5, side), layout="constrained")
+    axes = figure.add_subplot()
+    display = ConfusionMatrixDisplay(row_share, display_labels=classes)
+    display.plot(ax=axes, cmap="Blues", xticks_rotation=45, include_values=len(classes) <= MAX_CLASSES_WITH_COUNTS,
+                 im_kw={"vmin": 0, "vmax": 1})
+    if display.text_ is not None:
+        for text, count in zip(display.text_.flat, counts.flat):
+            text.set_text(str(count))
+    axes.set(xlabel="predicted", ylabel="actual", title="Test images: counts, coloured by share of the row")
+    return png_bytes(figure)
+
+
+def learning_curves_png(history: dict[str, pd.Series]) -> bytes:
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    loss_axes, accuracy_axes, lr_axes = figure.subplots(1, 3)
+    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        for split in ("train", "test"):
+            if f"{split}/{metric}" in history:
+                series = history[f"{split}/{metric}"]
+                axes.plot(series.index, series.to_numpy(), marker="o", label=split)
+        axes.set(title=metric, xlabel="epoch")
+        axes.legend()
+    accuracy_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    lr_axes.plot(history["lr"].index, history["lr"].to_numpy(), marker="o")
+    lr_axes.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for axes in (loss_axes, accuracy_axes, lr_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    return png_bytes(figure)
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    # No "Software" tag: the bytes then depend on the data and not on matplotlib's version.
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+def headline_section(metrics: dict, trained: dict, train_summary: dict) -> Section:
+    tta = "no test-time augmentation" if metrics["tta"] == "none" else f"test-time augmentation: {metrics['tta']}"
+    scores = {
+        "accuracy": metrics["accuracy"],
+        "macro precision": metrics["precision_macro"],
+        "macro recall": metrics["recall_macro"],
+        "macro F1": metrics["f1_macro"],
+        "weighted F1": metrics["f1_weighted"],
+    }
+    table = pd.DataFrame({"metric": list(scores), "value": [f"{score:.2%}" for score in scores.values()]})
+    epochs = trained["params"]["train"]["epochs"]
+    summary = (f"{metrics['test_images']} test images, {tta}. Model {trained['architecture']}, trained "
+               f"{epochs} epochs on {train_summary['train_images']} images.")
+    return Section("Headline", [summary, table])
+
+
+def per_class_section(per_class: pd.DataFrame) -> Section:
+    table = per_class.sort_values("f1", kind="stable")[["class", "precision", "recall", "f1", "support"]]
+    table[["precision", "recall", "f1"]] = table[["precision", "recall", "f1"]].map("{:.1%}".format)
+    return Section("Per class, weakest first", [table])
+
+
+def confusion_section(picture: Picture, predictions: pd.DataFrame) -> Section:
+    mistakes = predictions[predictions["actual"] != predictions["predicted"]]
+    top = mistakes.value_counts(["actual", "predicted"], sort=True).head(5).rename("images").reset_index()
+    blocks: list[Block] = [picture, "Rows are the actual classes, columns the predicted ones."]
+    if len(top):
+        blocks += ["The most frequent mistakes:", top]
+    return Section("Confusion matrix", blocks)
+
+
+def learning_curves_section(picture: Picture, train_summary: dict) -> Section:
+    last = (f"Last epoch: train loss {train_summary['train']['loss']:.4f}, "
+            f"accuracy {train_summary['train']['accuracy']:.2%}")
+    if "test" in train_summary:
+        last += f"; test loss {train_summary['test']['loss']:.4f}, accuracy {train_summary['test']['accuracy']:.2%}"
+    speed = (f"{train_summary['train_seconds']:.1f} s of training, {train_summary['images_per_second']:.0f} "
+             f"images/s on {train_summary['device']} ({train_summary['precision']}).")
+    return Section("Learning curves", [picture, last + ".", speed])
+
+
+def data_section(meta: dict, download: dict, augment: dict, preview: Picture) -> Section:
+    facts = {
+        "source": f"{meta['source']} ({meta['source_kind']})",
+        "classes": f"{len(meta['classes'])}: {', '.join(meta['classes'])}",
+        "image size": f"{meta['image_size']} × {meta['image_size']}",
+        "train images": download["train_images"],
+        "test images": download["test_images"],
+        "skipped images": download["skipped_images"],
+        "augmentation policy": augment["policy"],
+        "augmented copies": f"{augment['copies']} per image, {augment['augmented_images']} images",
+    }
+    if meta["made_test_split"]:
+        facts["test images"] = f"{download['test_images']} (split off the training images by download)"
+    return Section("Data and augmentation", [facts_table(facts), preview])
+
+
+def params_section(params: Params, trained_params: dict) -> Section:
+    current = params.model_dump(mode="json")
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # keep params.yaml's order
+    listing = io.StringIO()
+    yaml.dump(current, listing)
+    blocks: list[Block] = [Code(listing.getvalue())]
+    drift = params_drift(current, trained_params)
+    if drift:
+        blocks.insert(0, "Warning: the model was trained with other values than params.yaml now holds "
+                         "(run `dvc repro` to bring them in line): " + "; ".join(drift) + ".")
+    return Section("Params", blocks)
+
+
+def params_drift(current: dict, trained: dict) -> list[str]:
+    """The keys the model was trained with that params.yaml now sets otherwise."""
+    # `evaluate` is left out: it is read after training, so the checkpoint's copy says nothing.
+    sections = ("seed", "data", "augment", "train")
+    now = pd.json_normalize({key: current[key] for key in sections}).iloc[0].to_dict()
+    then = pd.json_normalize({key: trained.get(key) for key in sections}).iloc[0].to_dict()
+    return [f"{key} was {then.get(key)!r}, is {value!r}" for key, value in now.items() if then.get(key) != value]
+
+
+def provenance_section(meta: dict, trained: dict, train_summary: dict) -> Section:
+    facts = git_state()
+    if os.environ.get("DVC_EXP_NAME"):
+        facts["DVC experiment"] = os.environ["DVC_EXP_NAME"]
+    facts["data sha256"] = meta["data_sha256"]
+    if "source_sha256" in meta:
+        facts["source sha256"] = meta["source_sha256"]
+    if "source_md5" in meta:
+        facts["source MD5 (official archive)"] = meta["source_md5"]
+    facts["training device"] = (f"{train_summary['device']}, {train_summary['precision']}, "
+                                f"{train_summary['threads']} threads, torch {trained['torch_version']}")
+    facts["CPU"] = cpu_model_name()
+    facts |= library_versions()
+    return Section("Provenance", [facts_table(facts)])
+
+
+def wall_times_section(download: dict, augment: dict, train_summary: dict, metrics: dict) -> Section:
+    seconds = pd.Series({
+        "download": download["download_seconds"],
+        "augment": augment["augment_seconds"],
+        "train": train_summary["train_seconds"],
+        "evaluate": metrics["eval_seconds"],
+    })
+    seconds["total"] = seconds.sum()
+    table = seconds.map("{:.2f}".format).rename("seconds").rename_axis("stage").reset_index()
+    return Section("Wall times", [table])
+
+
+def facts_table(facts: dict) -> pd.DataFrame:
+    return pd.DataFrame({"item": list(facts), "value": [str(value) for value in facts.values()]})
+
+
+def git_state() -> dict[str, str]:
+    """HEAD's commit and whether tracked files differ from it; or why there is no commit to name."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return {"git commit": "none (git is not installed)"}
+    if head.returncode != 0:
+        reason = head.stderr.strip().splitlines()[0] if head.stderr.strip() else "no commit yet"
+        return {"git commit": f"none ({reason})"}
+    # Untracked files are left out: DVC's outputs and scratch files are untracked by design.
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    changed_files = len(changed.stdout.splitlines())
+    work_tree = f"{changed_files} tracked file(s) with uncommitted changes" if changed_files else "clean"
+    return {"git commit": head.stdout.strip(), "work tree": work_tree}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
+    """The report as Markdown; pictures are linked relative to `folder`, where the file goes."""
+    parts = [f"# Report: {title}"]
+    for section in sections:
+        parts.append(f"## {section.title}")
+        parts += [markdown_block(block, folder) for block in section.blocks]
+    return "\n\n".join(parts) + "\n"
+
+
+def markdown_block(block: Block, folder: Path) -> str:
+    if isinstance(block, pd.DataFrame):
+        return block.to_markdown(index=False)
+    if isinstance(block, Picture):
+        link = quote(Path(os.path.relpath(block.path, folder)).as_posix())
+        return f"![{block.title}]({link})"
+    if isinstance(block, Code):
+        return f"```yaml\n{block.text}```"
+    return block
+
+
+STYLE = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 62rem;
+       margin: 2rem auto; padding: 0 1rem; }
+h1 { font-size: 1.6rem; border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
+h2 { font-size: 1.25rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; }
+th, td { padding: .25rem .8rem; border-bottom: 1px solid #e3e3e3; text-align: left; }
+th { background: #f4f4f4; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; height: auto; }
+figure { margin: 1rem 0; }
+figcaption { color: #666; font-size: .9rem; }
+pre { background: #f6f8fa; padding: .8rem 1rem; border-radius: 4px; overflow-x: auto; }
+"""
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    """The report as one HTML file: pictures embedded as data URIs, style inline, no scripts."""
+    body = [f"<h1>Report: {html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        body += [html_block(block) for block in section.blocks]
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>Report: {html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def html_block(block: Block) -> str:
+    if isinstance(block, pd.DataFrame):
+        return block.to_html(index=False, border=0, escape=True)
+    if isinstance(block, Picture):
+        data = base64.b64encode(block.png).decode("ascii")
+        caption = html.escape(block.title)
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                f"<figcaption>{caption}</figcaption></figure>")
+    if isinstance(block, Code):
+        return f"<pre><code>{html.escape(block.text)}</code></pre>"
+    return f"<p>{html.escape(block)}</p>"
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write to a temporary name beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        partial.write_bytes(content)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)
