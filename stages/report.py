@@ -39,6 +39,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 from stages.errors import StageError, run_stage
 from stages.hardware import cpu_model_name
 from stages.models import load_checkpoint
+from stages.outputs import atomic_path
 from stages.params import Params, load_params
 
 log = logging.getLogger("report")
@@ -106,10 +107,10 @@ def main() -> None:
 
     # Everything is drawn and rendered before the first write, so a failure leaves no new file.
     markdown_path, html_path = Path(args.markdown), Path(args.html)
-    write_atomically(confusion.path, confusion.png)
-    write_atomically(curves.path, curves.png)
-    write_atomically(markdown_path, render_markdown(title, sections, markdown_path.parent).encode())
-    write_atomically(html_path, render_html(title, sections).encode())
+    write_output(confusion.path, confusion.png)
+    write_output(curves.path, curves.png)
+    write_output(markdown_path, render_markdown(title, sections, markdown_path.parent).encode())
+    write_output(html_path, render_html(title, sections).encode())
     log.info("wrote %s and %s: test accuracy %.2f%%", markdown_path, html_path, 100 * metrics["accuracy"])
 
 
@@ -439,15 +440,9 @@ def html_block(block: Block) -> str:
 # --- output --------------------------------------------------------------------------------
 
 
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.part")
-    try:
+def write_output(path: Path, content: bytes) -> None:
+    with atomic_path(path) as partial:
         partial.write_bytes(content)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

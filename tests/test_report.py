@@ -45,7 +45,8 @@ def write_params(project: Path) -> dict:
 def write_prepared(prepared: Path, rng: np.random.Generator) -> None:
     prepared.mkdir(parents=True)
     for split, count in (("train", 12), ("test", 30)):
-        np.save(prepared / f"{split}_images.npy", rng.integers(0, 256, (count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+        images = rng.integers(0, 256, (count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # (N, H, W, 3)
+        np.save(prepared / f"{split}_images.npy", images)
         np.save(prepared / f"{split}_labels.npy", np.arange(count, dtype=np.int64) % len(CLASSES))
     meta = {
         "source": "../shared/datasets/tiny.tar.gz", "source_kind": "image-folder archive", "classes": CLASSES,
@@ -81,8 +82,8 @@ def write_training(model_path: Path, live: Path, params: dict) -> None:
         (curves / name).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"step": steps, Path(name).name: values}).to_csv(curves / f"{name}.tsv", sep="\t", index=False)
     (live / "metrics.json").write_text(json.dumps(
-        {"step": epochs - 1, "train": {"loss": 0.4, "accuracy": 0.9}, "lr": 0.0, "test": {"loss": 0.5, "accuracy": 0.8333},
-         **summary}))
+        {"step": epochs - 1, "train": {"loss": 0.4, "accuracy": 0.9}, "lr": 0.0,
+         "test": {"loss": 0.5, "accuracy": 0.8333}, **summary}))
 
     model = build_model("lenet", len(CLASSES), IMAGE_SIZE, [8, 8, 8], [0.5] * 3, [0.25] * 3)
     description = {
@@ -225,7 +226,8 @@ def test_learning_curves_are_drawn_when_train_logged_no_test_curves(tmp_path: Pa
     curves = tmp_path / "metrics"
     (curves / "train").mkdir(parents=True)
     for name in ("train/loss", "train/accuracy", "lr"):
-        pd.DataFrame({"step": [0, 1], Path(name).name: [0.5, 0.25]}).to_csv(curves / f"{name}.tsv", sep="\t", index=False)
+        table = pd.DataFrame({"step": [0, 1], Path(name).name: [0.5, 0.25]})
+        table.to_csv(curves / f"{name}.tsv", sep="\t", index=False)
 
     history = read_history(curves)
 
