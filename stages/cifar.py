@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,14 @@ def cifar_format_of(archive_path: Path) -> OfficialArchive | None:
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     # The batches are pickles; only what they are made of (dicts, lists, bytes and numpy
     # arrays) may be rebuilt, so a doctored archive cannot run code while being read.
+    # Re-packed with Python 3: protocol 5 (3.14's default) rebuilds arrays with _frombuffer, and
+    # protocol 2 writes bytes as _codecs.encode(text, "latin1") (torch's weights_only allows it too).
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -96,7 +102,7 @@ def read_cifar_archive(archive_path: Path, spec: OfficialArchive) -> tuple[list[
                 "train": _load_batches(archive, spec, spec.train_members),
                 "test": _load_batches(archive, spec, (spec.test_member,)),
             }
-    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as error:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError, KeyError, ValueError) as error:
         raise StageError(f"{archive_path} is not a readable {spec.folder} archive: {error}") from None
     return classes, splits
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -152,12 +153,17 @@ def download(url: str, destination: Path, offline_hint: str) -> None:
     try:
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, disable=None) as bar:
                 while block := response.read(1 << 20):
                     file.write(block)
+                    received += len(block)
                     bar.update(len(block))
+        # read() ends quietly when the connection drops: a short file must not be kept as the archive.
+        if total is not None and received != total:
+            raise StageError(f"the download of {url} stopped after {received} of {total} bytes; run again to retry")
         os.replace(partial, destination)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as error:
         reason = getattr(error, "reason", error)
         raise StageError(f"could not download {url} ({reason}). Working offline? {offline_hint}") from None
     finally:

@@ -17,6 +17,7 @@ import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,11 @@ class FolderSource:
 
     def read(self, names: set[str]) -> Iterator[tuple[str, bytes]]:
         for name in sorted(names):
-            yield name, (self.root / name).read_bytes()
+            try:
+                payload = (self.root / name).read_bytes()
+            except OSError as error:
+                raise StageError(f"{self.root / name}: cannot be read ({error})") from None
+            yield name, payload
 
 
 class TarSource:
@@ -97,7 +102,8 @@ class TarSource:
         with self._open() as archive:
             try:
                 members = archive.getmembers()
-            except (tarfile.TarError, OSError, EOFError) as error:
+                self._check_nothing_after_the_end(archive)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
                 raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
             for member in members:
                 name = safe_member_name(member.name, self.path)
@@ -108,6 +114,17 @@ class TarSource:
                 elif member.isfile() or member.issym() or member.islnk():
                     files.append(name)
         return Listing(files, folders)
+
+    def _check_nothing_after_the_end(self, archive: tarfile.TarFile) -> None:
+        # tarfile takes a damaged member header for the end of the archive and stops without a
+        # word, which would make a shorter data set; past the real end there are only zero blocks.
+        # Reading on to the end also makes gzip check its CRC, which tarfile never gets to.
+        while block := archive.fileobj.read(1 << 20):
+            if block.count(0) != len(block):
+                raise StageError(
+                    f"{self.path} is corrupt: a damaged member header after {len(archive.members)} members "
+                    "hides the rest of the archive"
+                )
 
     def _check_link(self, member: tarfile.TarInfo, name: str) -> None:
         # Hard link targets are archive paths; symlink targets are relative to the link's folder.
@@ -123,9 +140,20 @@ class TarSource:
                 for member in archive:
                     name = safe_member_name(member.name, self.path)
                     if name in names:
-                        yield name, archive.extractfile(member).read()
-            except (tarfile.TarError, OSError, EOFError) as error:
+                        yield name, self._member_bytes(archive, member)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
                 raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
+
+    def _member_bytes(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+        try:
+            file = archive.extractfile(member)
+        except KeyError:  # a link to a member the archive does not hold
+            file = None
+        if file is None:
+            raise StageError(
+                f"{self.path}: member '{member.name}' links to '{member.linkname}', not a file in the archive"
+            )
+        return file.read()
 
 
 class ZipSource:
@@ -159,7 +187,7 @@ class ZipSource:
                     name = safe_member_name(info.filename, self.path)
                     if name in names:
                         yield name, archive.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError) as error:
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
                 raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
 
 
@@ -191,7 +219,8 @@ def plan_layout(listing: Listing, source_label: str, test_fraction: float, seed:
     """Find train/ (and test/) under at most one wrapper folder and give every image its place."""
     files = [name for name in listing.files if not _ignored(name)]
     folders = {name for name in listing.folders if not _ignored(name)}
-    folders |= {posixpath.dirname(name) for name in files} - {""}
+    # Archives need not hold their folders as members (zip -D, tar of a file list).
+    folders |= {name.rsplit("/", depth)[0] for name in files for depth in range(1, name.count("/") + 1)}
     root = _find_root(files, folders, source_label)
 
     by_split: dict[str, dict[str, list[str]]] = {}
@@ -256,15 +285,15 @@ def _images_by_class(files: list[str], folders: set[str], split_dir: str, source
 def _stratified_layout(classes: list[str], per_class: dict[str, list[str]], test_fraction: float, seed: int) -> Layout:
     # Per class by hand rather than sklearn's train_test_split(stratify=...): that refuses classes
     # with a single image and test sets smaller than the number of classes, and small data sets
-    # are normal here. A class of n images gives round(n * test_fraction) to test, keeping at
-    # least one image for training.
+    # are normal here. A class of n images gives round(n * test_fraction) to test, at least one
+    # so that every class is scored, and keeps at least one image for training.
     rng = np.random.default_rng(seed)
     names = {"train": [], "test": []}
     labels = {"train": [], "test": []}
     for label, class_name in enumerate(classes):
         members = per_class[class_name]
         order = rng.permutation(len(members))
-        test_count = min(int(round(len(members) * test_fraction)), len(members) - 1)
+        test_count = min(max(int(round(len(members) * test_fraction)), 1), len(members) - 1)
         test_picks = set(order[:test_count].tolist())
         for index, member in enumerate(members):
             split = "test" if index in test_picks else "train"

@@ -1,0 +1,116 @@
+"""params.yaml is validated whole before any work; a mistake is named by its dotted key with
+what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from datamaker import PROJECT_ROOT, make_image_folder, project_params, write_params
+from stages.params import ParamsError, load_params
+
+# (dotted key, bad value, what the message must say besides the key)
+REFUSED = [
+    pytest.param("train.lrr", 0.1, ["unknown key", "train accepts:", "lr,"], id="unknown-key"),
+    pytest.param("train.epochs", "10", ["valid integer", "'10'"], id="epochs-as-string"),
+    pytest.param("train.lr", 0, ["greater than 0"], id="lr-zero"),
+    pytest.param("train.lr", -0.1, ["greater than 0", "-0.1"], id="lr-negative"),
+    pytest.param("train.epochs", 0, ["greater than or equal to 1"], id="epochs-zero"),
+    pytest.param("train.model", "resnet", ["'lenet' or 'convnet'", "'resnet'"], id="model"),
+    pytest.param("train.optimizer", "adamw", ["'sgd', 'adam' or 'rmsprop'", "'adamw'"], id="optimizer"),
+    pytest.param("train.loss", "hinge", ["'cross_entropy' or 'mse'", "'hinge'"], id="loss"),
+    pytest.param("augment.policy", "cutmix", ["'trivialaugment'", "'augmix'", "'cutmix'"], id="augment-policy"),
+]
+
+
+@pytest.mark.parametrize("key, value, expected", REFUSED)
+def test_a_bad_value_is_refused_by_the_stage_before_any_work_with_the_key_named(project, key, value, expected):
+    make_image_folder(project.root / "images", per_class=3, test_per_class=1, size=(8, 8))
+    project.write_params({"data.source": "images", key: value})
+
+    result = project.download()
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "params.yaml is not valid" in result.stderr
+    message = next(line for line in result.stderr.splitlines() if f"- {key}:" in line)
+    for part in expected:
+        assert part in message
+    assert not (project.root / "data").exists()
+    assert not (project.root / "reports").exists()
+
+
+def test_the_project_params_yaml_is_valid():
+    params = load_params(PROJECT_ROOT / "params.yaml")
+
+    assert params.model_dump() == project_params()
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = write_params(tmp_path, {"train.lr": 0, "train.model": "resnet", "data.image_size": 4})
+
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+
+    message = str(refused.value)
+    assert "train.lr: must be greater than 0" in message
+    assert "train.model: must be 'lenet' or 'convnet'" in message
+    assert "data.image_size: must be greater than or equal to 8" in message
+
+
+def test_a_missing_key_is_refused_since_none_has_a_default(tmp_path):
+    path = write_params(tmp_path, remove=("train.momentum",))
+
+    with pytest.raises(ParamsError, match=r"train\.momentum: missing; every key is set in params.yaml"):
+        load_params(path)
+
+
+def test_an_unknown_top_level_section_lists_the_sections(tmp_path):
+    path = write_params(tmp_path, {"trian": {"lr": 0.1}})
+
+    with pytest.raises(ParamsError, match=r"trian: unknown key; the top level accepts: seed, data, augment, train"):
+        load_params(path)
+
+
+def test_a_value_of_the_wrong_kind_is_not_coerced(tmp_path):
+    path = write_params(tmp_path, {"augment.flip": 1})
+
+    with pytest.raises(ParamsError, match=r"augment\.flip: must be a valid boolean \(got 1\)"):
+        load_params(path)
+
+
+def test_whole_numbers_are_accepted_for_real_valued_keys(tmp_path):
+    path = write_params(tmp_path, {"train.lr": 1, "train.weight_decay": 0, "train.label_smoothing": 0})
+
+    params = load_params(path)
+
+    assert (params.train.lr, params.train.weight_decay) == (1.0, 0.0)
+
+
+def test_exponent_notation_is_a_number_as_dvc_reads_it(tmp_path):
+    path = write_params(tmp_path, {"train.lr": 0.2})
+    path.write_text(path.read_text().replace("lr: 0.2", "lr: 1e-3"))
+
+    assert load_params(path).train.lr == 0.001
+
+
+def test_copies_without_a_policy_are_refused_naming_both_keys(tmp_path):
+    path = write_params(tmp_path, {"augment.copies": 2, "augment.policy": "none"})
+
+    with pytest.raises(ParamsError, match=r"augment\.copies is 2 but augment\.policy is 'none'"):
+        load_params(path)
+
+
+def test_a_stage_run_outside_the_project_says_where_params_yaml_belongs(project):
+    result = project.download()
+
+    assert result.returncode == 1
+    assert "params.yaml not found: run the stage from the project's root" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_yaml_is_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: [0.1\n")
+
+    with pytest.raises(ParamsError, match=r"params.yaml is not valid YAML"):
+        load_params(path)
