@@ -261,7 +261,7 @@ def describe_run(model: Classifier, classes: list[str], image_size: int, params:
         "params": params.model_dump(mode="json"),
         "compute": {"device": compute.device.type, "precision": compute.precision},
         "summary": summary,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it
     }
 
 
