@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import urllib.error
@@ -30,6 +28,7 @@ from stages.cifar import OFFICIAL, OfficialArchive, cifar_format_of, read_cifar_
 from stages.datasets import PreparedWriter
 from stages.errors import StageError, run_stage
 from stages.image_folders import BadImage, Layout, decode_image, open_image_folder, plan_layout
+from stages.outputs import write_json
 from stages.params import DataParams, load_params
 
 log = logging.getLogger("download")
@@ -163,6 +162,8 @@ def download(url: str, destination: Path, offline_hint: str) -> None:
         if total is not None and received != total:
             raise StageError(f"the download of {url} stopped after {received} of {total} bytes; run again to retry")
         os.replace(partial, destination)
+    except urllib.error.HTTPError as error:
+        raise StageError(f"could not download {url}: the server answered {error.code} {error.reason}; check the URL") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as error:
         reason = getattr(error, "reason", error)
         raise StageError(f"could not download {url} ({reason}). Working offline? {offline_hint}") from None
@@ -237,6 +238,9 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
                 keep[split][index] = False
                 skipped.append(name)
             bar.update()
+    lost = [name for label, name in enumerate(layout.classes) if not keep["train"][layout.labels["train"] == label].any()]
+    if lost:
+        raise StageError(f"{source.label}: every training image of class {', '.join(lost)} was unreadable")
     for split in layout.names:
         if not keep[split].any():
             raise StageError(f"{source.label}: every {split} image was unreadable")
@@ -255,14 +259,6 @@ def describe_source(data: DataParams, classes: list[str], kind: str, made_test_s
         "made_test_split": made_test_split,
         "skipped": skipped,
     }
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Write JSON atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             # draft() lets the JPEG decoder scale down while decoding: large photos decode ~4x faster.
             image.draft("RGB", (image_size, image_size))
-            image = image.convert("RGB")
+            image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos stand upright
             if image.size != (image_size, image_size):
                 image = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
