@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from datamaker import (
     ALL_FORMATS,
@@ -228,6 +229,41 @@ def test_a_url_source_is_downloaded_into_data_raw_once_and_reused(project, tmp_p
     assert "downloaded before" in second.stderr
     for name, array in prepared_arrays(project.prepared).items():
         np.testing.assert_array_equal(array, first_arrays[name])
+
+
+def test_a_url_the_server_refuses_is_reported_with_its_status_not_as_offline(project, tmp_path, serve_folder):
+    served = tmp_path / "served"
+    served.mkdir()
+    base_url, _ = serve_folder(served)
+    project.write_params({"data.source": f"{base_url}/missing.tar.gz"})
+
+    result = project.download()
+
+    assert result.returncode == 1
+    assert f"could not download {base_url}/missing.tar.gz: the server answered 404" in result.stderr
+    assert "offline" not in result.stderr
+    assert not project.raw.exists() or not any(project.raw.iterdir())
+
+
+def test_jpeg_orientation_from_exif_is_applied(project, tmp_path):
+    # A 40x20 photo, red on the left and blue on the right, tagged "rotate 90° clockwise to view"
+    # (EXIF orientation 6): upright, the red half is on top.
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = make_image_folder(tmp_path / "photos", per_class=2, test_per_class=2, size=(8, 8))
+    Image.fromarray(pixels).save(folder / "test" / "cat" / "phone.jpg", exif=exif, quality=95)
+    project.write_params({"data.source": str(folder), "data.image_size": 16})
+
+    result = project.download()
+
+    assert result.returncode == 0, result.stderr
+    photo = load_split(project.prepared, "test").images[2]  # cat's test images: 0.png, 1.png, phone.jpg
+    top, bottom = photo[:4].reshape(-1, 3).mean(axis=0), photo[-4:].reshape(-1, 3).mean(axis=0)
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
 
 
 class _DroppedConnection(http.server.BaseHTTPRequestHandler):
