@@ -1,0 +1,147 @@
+"""The retraining flow: run the DVC pipeline, publish its metrics as artifacts, promote a better model.
+
+    python -m flows.retrain                                   # dvc repro
+    python -m flows.retrain --set train.epochs=20 --name e20  # dvc exp run -n e20 -S train.epochs=20
+    python -m flows.retrain --metric f1_macro --margin 0.01   # promotion settings (defaults below)
+
+Without a Prefect server configured (PREFECT_API_URL), Prefect starts its own for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import flows  # noqa: F401, I001  first: sets DO_NOT_TRACK before Prefect is imported
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from ruamel.yaml import YAML
+
+from flows import champion, publish
+from flows.pipeline import StageFailed, dvc_command, run_pipeline
+
+PROJECT = Path(__file__).resolve().parents[1]
+# A failed download is retried after 10 s, then 60 s: long enough for a network blip or a
+# restarting mirror to pass. No other stage is retried: their failures are not transient.
+DOWNLOAD_RETRY_DELAYS = [10.0, 60.0]
+
+
+def download_failed(task, task_run, state) -> bool:
+    """Retry the pipeline only when it failed in download, before any other stage ran."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, StageFailed) and error.stage == "download"
+
+
+@task(retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS, retry_condition_fn=download_failed)
+def reproduce(project: Path, overrides: list[str], experiment: str | None) -> dict:
+    """Run `dvc repro` (or `dvc exp run -S ...`), each output line logged under its stage; what ran and what was skipped."""
+    logger = get_run_logger()
+    command = dvc_command(overrides, experiment)
+    logger.info("$ %s", " ".join(command))
+    run = run_pipeline(command, project, lambda stage, line: logger.info("[%s] %s", stage or "dvc", line))
+    logger.info("stages run: %s; up to date: %s", ", ".join(run.ran) or "none", ", ".join(run.skipped) or "none")
+    return {"ran": run.ran, "skipped": run.skipped}
+
+
+@task
+def publish_results(project: Path, decision: champion.Decision, champion_before: dict | None, about: dict) -> dict:
+    """Publish the per-class table, the summary and the report link; the metrics they came from."""
+    metrics = publish.read_metrics(project)
+    publish.publish_per_class(project)
+    publish.publish_summary(publish.summary_markdown(metrics, champion_before, decision, about))
+    publish.publish_report_link(project, about.get("experiment"))
+    return metrics
+
+
+@task
+def promote_if_better(project: Path, decision: champion.Decision, provenance: dict) -> str:
+    """Promote the workspace's model when the decision says so; the run's verdict, logged."""
+    logger = get_run_logger()
+    if decision.promote:
+        folder = champion.promote(project, provenance)
+        logger.info("promoted to champion (%s): %s", folder, decision.reason)
+    else:
+        logger.info("not promoted: %s", decision.reason)
+    return decision.reason
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    overrides: list[str] | None = None,
+    experiment_name: str | None = None,
+    promotion_metric: str = "accuracy",
+    promotion_margin: float = 0.0,
+    project_dir: str | None = None,
+    download_retry_delays: list[float] | None = None,
+) -> dict:
+    """Retrain through DVC (an experiment when overrides are given), publish the metrics, promote a better model.
+
+    overrides: `key=value` params, as `dvc exp run -S` takes them (`train.epochs=20`).
+    promotion_metric, promotion_margin: a run is promoted when its metric (a key of
+        reports/metrics.json) exceeds the champion's by more than the margin.
+    """
+    project = Path(project_dir).resolve() if project_dir else PROJECT
+    overrides = list(overrides or [])
+    experiment = (experiment_name or f"retrain-{datetime.now():%Y%m%d-%H%M%S}") if overrides else None
+    delays = DOWNLOAD_RETRY_DELAYS if download_retry_delays is None else download_retry_delays
+    stages = reproduce.with_options(retries=len(delays), retry_delay_seconds=delays or 0)(project, overrides, experiment)
+
+    metrics = publish.read_metrics(project)
+    champion_before = champion.champion_metrics(project)
+    decision = champion.decide(metrics, champion_before, promotion_metric, promotion_margin)
+    about = {"experiment": experiment or "workspace (dvc repro)", "git commit": git_commit(project),
+             "overrides": " ".join(overrides) or "none", "stages run": ", ".join(stages["ran"]) or "none (up to date)"}
+    publish_results(project, decision, champion_before, about)
+    verdict = promote_if_better(project, decision, provenance(project, experiment, overrides, metrics, decision))
+    return {"metrics": metrics, "promoted": decision.promote, "reason": verdict, "experiment": experiment}
+
+
+def provenance(project: Path, experiment: str | None, overrides: list[str], metrics: dict,
+               decision: champion.Decision) -> dict:
+    """Where a champion came from: code, experiment, params, data, and the run that promoted it."""
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    return {
+        "git_commit": git_commit(project),
+        "experiment": experiment,
+        "overrides": overrides,
+        "params": YAML(typ="safe", pure=True).load((project / "params.yaml").read_text()),
+        "data_sha256": meta.get("data_sha256"),
+        "metrics": metrics,
+        "promotion": {"metric": decision.metric, "reason": decision.reason, "previous": decision.champion},
+        "flow_run": {"id": str(flow_run.id), "name": flow_run.name},
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def git_commit(project: Path) -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else "none (not a git repository)"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override, as `dvc exp run -S` takes it; repeat for several")
+    parser.add_argument("--name", help="the DVC experiment's name (with --set; default retrain-<date>-<time>)")
+    parser.add_argument("--metric", default="accuracy", help="promotion metric, a key of reports/metrics.json")
+    parser.add_argument("--margin", type=float, default=0.0, help="by how much the champion must be beaten")
+    parser.add_argument("--project", help="the project folder (default: the one holding flows/)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        outcome = retrain(overrides=args.overrides, experiment_name=args.name, promotion_metric=args.metric,
+                          promotion_margin=args.margin, project_dir=args.project)
+    except StageFailed as error:
+        sys.exit(f"error: {error}")
+    print(("promoted: " if outcome["promoted"] else "not promoted: ") + outcome["reason"])
+
+
+if __name__ == "__main__":
+    main()
