@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.errors import StageError
 from stages.outputs import atomic_path
 
 
@@ -28,6 +29,8 @@ class Normalize(nn.Module):
 
 class LeNet(nn.Module):
     """The classic PyTorch tutorial network: conv 6/16, fully connected 120/84."""
+
+    MIN_IMAGE_SIZE = 16  # two 5x5 convolutions and two halvings leave at least one pixel
 
     def __init__(self, num_classes: int, image_size: int):
         super().__init__()
@@ -62,6 +65,7 @@ class ConvNet(nn.Module):
     layer fitted to the training images, three conv blocks, global max-pool, a linear head."""
 
     WHITENING_PATCH = 2
+    MIN_IMAGE_SIZE = 9  # the 2x2 whitening takes one pixel, then three halvings must leave one
 
     def __init__(self, num_classes: int, widths: list[int]):
         super().__init__()
@@ -110,14 +114,15 @@ class Classifier(nn.Module):
 
 def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int],
                 mean: list[float], std: list[float]) -> Classifier:
-    if architecture == "lenet":
-        if image_size < 16:
-            raise ValueError(f"lenet needs data.image_size ≥ 16 (got {image_size})")
-        network: nn.Module = LeNet(num_classes, image_size)
-    elif architecture == "convnet":
-        network = ConvNet(num_classes, widths)
-    else:
+    networks = {"lenet": LeNet, "convnet": ConvNet}
+    if architecture not in networks:
         raise ValueError(f"unknown architecture {architecture!r}")
+    # A StageError: data.image_size and train.model are each valid alone, and the stage reports
+    # the pair in one line instead of a traceback (from deep in the max-pools for convnet).
+    smallest = networks[architecture].MIN_IMAGE_SIZE
+    if image_size < smallest:
+        raise StageError(f"train.model {architecture} needs data.image_size ≥ {smallest} (got {image_size})")
+    network = LeNet(num_classes, image_size) if architecture == "lenet" else ConvNet(num_classes, widths)
     return Classifier(network, mean, std)
 
 

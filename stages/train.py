@@ -32,6 +32,8 @@ from stages.params import Params, TrainParams, load_params
 
 log = logging.getLogger("train")
 
+NORMALIZATION_SAMPLE = 10_000  # images the normalisation and whitening statistics are measured on
+
 
 @dataclass
 class ImageSet:
@@ -123,7 +125,10 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet, compute: Compute) -> Classifier:
-    sample = as_float(train_set.images[: min(10_000, len(train_set.images))].cpu())
+    # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
+    # first images can be a few classes only, and the statistics and whitening would be theirs.
+    stride = math.ceil(len(train_set.images) / NORMALIZATION_SAMPLE)
+    sample = as_float(train_set.images[::stride].cpu())
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     model = build_model(settings.model, len(classes), train_set.images.shape[-1], settings.widths, mean, std)

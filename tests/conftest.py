@@ -1,11 +1,13 @@
-"""Fixtures shared by the tests: a throw-away project folder to run stages in, a closed port
-and a local HTTP server. The data they work on comes from tests/datamaker.py."""
+"""Fixtures shared by the tests: a throw-away project folder to run stages in, a closed port,
+a local HTTP server, and a tiny project taken through download, augment and train once per
+session. The data they work on comes from tests/datamaker.py."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,12 +17,30 @@ from pathlib import Path
 
 import pytest
 
-from datamaker import PROJECT_ROOT, write_params
+from datamaker import PROJECT_ROOT, make_image_folder, write_params
 
 # The tests import `stages` from this checkout, as the stage subprocesses do, installed or not.
 sys.path.insert(0, str(PROJECT_ROOT))
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+TINY_CLASSES = ("cat", "dog", "owl")
+# Params small enough for a whole train run to take well under a second on one core; 16 px is
+# the smallest image lenet takes.
+TINY_PARAMS = {
+    "data.image_size": 16,
+    "augment.preview_images": 4,
+    "train.widths": [8, 16, 16],
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.device": "cpu",
+    "train.threads": 1,
+    "evaluate.batch_size": 5,
+}
+AUGMENTED_PARAMS = {**TINY_PARAMS, "augment.copies": 2, "augment.policy": "trivialaugment"}  # augmented_project's
+# Tiny tensors gain nothing from a second thread, and OpenMP threads that spin-wait for each
+# other run ~100x slower when another job shares the CPU (train.threads does this for train).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def stage_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,6 +90,47 @@ class Project:
             cwd=cwd, env=env,
         )
 
+    @property
+    def augmented(self) -> Path:
+        return self.root / "data" / "augmented"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "model.pt"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def augment(self):
+        """The augment stage with dvc.yaml's command line, run in the project."""
+        return self.run(
+            "stages.augment", "data/prepared", "data/augmented",
+            "--preview", "reports/augment_preview.png", "--stats", "reports/augment.json", env=ONE_THREAD,
+        )
+
+    def train(self):
+        """The train stage with dvc.yaml's command line, run in the project."""
+        return self.run("stages.train", "data/prepared", "data/augmented", "models/model.pt", "--live", "reports/train")
+
+    def evaluate(self):
+        """The evaluate stage with dvc.yaml's command line, run in the project."""
+        return self.run(
+            "stages.evaluate", "models/model.pt", "data/prepared", "--metrics", "reports/metrics.json",
+            "--per-class", "reports/per_class.csv", "--predictions", "reports/predictions.csv", env=ONE_THREAD,
+        )
+
+    def copy(self, root: Path, *paths: str) -> Project:
+        """A new project in root holding copies of these files and folders of this one."""
+        for relative in paths:
+            source, target = self.root / relative, root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+        return Project(root)
+
     def files_written(self) -> list[str]:
         """Every file under data/ and reports/ (hidden temporary ones included)."""
         return sorted(
@@ -117,3 +178,38 @@ def serve_folder():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# --- one tiny project taken through the stages once, for the augment, train and evaluate tests ---
+# The project folders are plain folders, not git repositories: DVCLive then only writes its files.
+
+
+def prepare_tiny_set(root: Path, per_class: int, test_per_class: int, overrides: dict | None = None) -> Project:
+    """A project whose data/prepared the real download stage made from a generated image folder
+    of TINY_CLASSES (20x18 px images, prepared at 16 px); params TINY_PARAMS plus overrides."""
+    project = Project(root)
+    make_image_folder(root / "images", classes=TINY_CLASSES, per_class=per_class, test_per_class=test_per_class,
+                      size=(20, 18))
+    project.write_params({**TINY_PARAMS, "data.source": "images", **(overrides or {})})
+    result = project.download()
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+@pytest.fixture(scope="session")
+def augmented_project(tmp_path_factory) -> Project:
+    """30 training and 12 test images prepared, then two trivialaugment copies of each training image."""
+    project = prepare_tiny_set(tmp_path_factory.mktemp("augmented"), per_class=10, test_per_class=4,
+                               overrides=AUGMENTED_PARAMS)
+    result = project.augment()
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+@pytest.fixture(scope="session")
+def trained_project(augmented_project, tmp_path_factory) -> Project:
+    """A copy of augmented_project after a real train run: convnet, sgd, precision auto, on the CPU."""
+    project = augmented_project.copy(tmp_path_factory.mktemp("trained"), "params.yaml", "data")
+    result = project.train()
+    assert result.returncode == 0, result.stderr
+    return project

@@ -1,0 +1,99 @@
+"""The evaluate stage, run as DVC runs it on the tiny trained project, with and without flip
+test-time augmentation: headline metrics, a per-class table and one prediction per test image,
+all telling the same story."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import pytest
+from sklearn.metrics import precision_recall_fscore_support
+
+from conftest import AUGMENTED_PARAMS, TINY_CLASSES, Project
+from stages.datasets import load_split
+
+TTA = ("flip", "none")
+HEADLINE = [f"{name}_{average}" for average in ("macro", "weighted") for name in ("precision", "recall", "f1")]
+
+
+@pytest.fixture(scope="module")
+def evaluations(trained_project, tmp_path_factory) -> dict[str, tuple[Project, subprocess.CompletedProcess]]:
+    """evaluate run on a copy of trained_project for each evaluate.tta, both at once."""
+    root = tmp_path_factory.mktemp("evaluations")
+
+    def evaluate(tta: str) -> tuple[Project, subprocess.CompletedProcess]:
+        project = trained_project.copy(root / tta, "data/prepared", "models")
+        project.write_params({**AUGMENTED_PARAMS, "evaluate.tta": tta})
+        return project, project.evaluate()
+
+    with ThreadPoolExecutor(len(TTA)) as pool:
+        return dict(zip(TTA, pool.map(evaluate, TTA)))
+
+
+@pytest.fixture(params=TTA, ids=[f"tta-{tta}" for tta in TTA])
+def evaluated(request, evaluations) -> Project:
+    """The project evaluated with each evaluate.tta in turn, which finished without error."""
+    project, result = evaluations[request.param]
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+def metrics_of(project: Project) -> dict:
+    return json.loads((project.reports / "metrics.json").read_text())
+
+
+def predictions_of(project: Project) -> pd.DataFrame:
+    return pd.read_csv(project.reports / "predictions.csv")
+
+
+def test_headline_metrics_are_fractions_at_the_top_level(evaluated):
+    metrics = metrics_of(evaluated)
+
+    for name in ["accuracy", *HEADLINE]:
+        assert isinstance(metrics[name], float), name
+        assert 0 <= metrics[name] <= 1, name
+    assert metrics["test_images"] == 12
+    assert metrics["tta"] == evaluated.root.name  # each evaluation runs in a folder named after its tta
+
+
+def test_accuracy_is_the_share_of_predictions_that_name_the_actual_class(evaluated):
+    predictions = predictions_of(evaluated)
+
+    share = (predictions["actual"] == predictions["predicted"]).mean()
+    assert metrics_of(evaluated)["accuracy"] == pytest.approx(share, abs=1e-6)
+
+
+def test_macro_and_weighted_metrics_agree_with_the_predictions(evaluated):
+    predictions, metrics = predictions_of(evaluated), metrics_of(evaluated)
+
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            predictions["actual"], predictions["predicted"], labels=list(TINY_CLASSES), average=average,
+            zero_division=0,
+        )
+        expected = {f"precision_{average}": precision, f"recall_{average}": recall, f"f1_{average}": f1}
+        assert {name: metrics[name] for name in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_per_class_table_has_one_row_per_class_whose_supports_sum_to_the_test_size(evaluated):
+    table = pd.read_csv(evaluated.reports / "per_class.csv")
+
+    assert table.columns.tolist() == ["class", "precision", "recall", "f1", "support"]
+    assert table["class"].tolist() == list(TINY_CLASSES)
+    assert table["support"].tolist() == [4, 4, 4]
+    assert table["support"].sum() == metrics_of(evaluated)["test_images"]
+    assert table[["precision", "recall", "f1"]].stack().between(0, 1).all()
+
+
+def test_predictions_name_the_actual_and_predicted_class_of_every_test_image_in_order(evaluated):
+    predictions = predictions_of(evaluated)
+
+    test_labels = load_split(evaluated.prepared, "test").labels
+    assert predictions.columns.tolist() == ["image", "actual", "predicted", "confidence"]
+    assert predictions["image"].tolist() == list(range(len(test_labels)))
+    assert predictions["actual"].tolist() == [TINY_CLASSES[label] for label in test_labels]
+    assert set(predictions["predicted"]) <= set(TINY_CLASSES)
+    assert predictions["confidence"].between(1 / len(TINY_CLASSES), 1).all(), "the winning class's probability"

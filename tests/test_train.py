@@ -1,0 +1,221 @@
+"""The train stage, run as DVC runs it on a tiny prepared set: every model, optimiser and loss
+trains; the checkpoint carries what is needed to use it and the settings that made it; the
+same seed gives the same weights; the device and precision are the machine's, never assumed."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from subprocess import CompletedProcess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, prepare_tiny_set
+from datamaker import write_params
+from stages.datasets import PreparedWriter, load_split
+from stages.errors import StageError
+from stages.hardware import cpu_has_native_bf16, resolve_compute
+from stages.models import ConvNet, LeNet, build_model, load_checkpoint
+from stages.params import load_params
+from stages.train import ImageSet, create_model
+
+CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
+NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
+
+# Train runs besides trained_project's (convnet, sgd, cross-entropy, precision auto, 30 images
+# and 60 augmented copies, batches of 16), each in its own folder.
+RUNS = {
+    "same-params": {},
+    # 6 images and no augmented copies, all in one batch; and lenet, adam, fp32
+    "smaller-than-a-batch": {"train.model": "lenet", "train.optimizer": "adam", "train.lr": 0.001,
+                             "train.batch_size": 512, "train.precision": "fp32"},
+    "rmsprop-mse": {"train.optimizer": "rmsprop", "train.lr": 0.001, "train.loss": "mse",
+                    "train.label_smoothing": 0.0},
+    "cuda": {"train.device": "cuda"},
+}
+
+
+def write_no_copies(augmented) -> None:
+    """What augment writes for `copies: 0` (see test_augment): meta.json alone."""
+    with PreparedWriter(augmented) as writer:
+        writer.commit({"copies": 0, "policy": "none", "count": 0})
+
+
+@pytest.fixture(scope="module")
+def runs(augmented_project, tmp_path_factory) -> dict[str, tuple[Project, CompletedProcess]]:
+    """Every run of RUNS, all at once: they are independent, and each spends most of its time
+    importing torch."""
+    root = tmp_path_factory.mktemp("runs")
+
+    def train(name: str) -> tuple[Project, CompletedProcess]:
+        if name == "smaller-than-a-batch":
+            project = prepare_tiny_set(root / name, per_class=2, test_per_class=1, overrides=RUNS[name])
+            write_no_copies(project.augmented)
+        else:
+            project = augmented_project.copy(root / name, "data")
+            project.write_params({**AUGMENTED_PARAMS, **RUNS[name]})
+        return project, project.train()
+
+    names = [name for name in RUNS if name != "cuda" or not torch.cuda.is_available()]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(train, names)))
+
+
+def trained(runs: dict, name: str) -> Project:
+    """The project of the run `name`, which finished without error."""
+    project, result = runs[name]
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+def summary_of(project: Project) -> dict:
+    return json.loads((project.reports / "train" / "metrics.json").read_text())
+
+
+def curve(project: Project, name: str) -> pd.DataFrame:
+    return pd.read_csv(project.reports / "train" / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+
+
+# --- what a run writes ----------------------------------------------------------------------
+
+
+def test_the_checkpoint_loads_with_weights_only_and_carries_the_settings_that_made_it(trained_project):
+    checkpoint = torch.load(trained_project.model, weights_only=True)
+
+    assert checkpoint["architecture"] == "convnet"
+    assert checkpoint["classes"] == list(TINY_CLASSES)
+    assert checkpoint["image_size"] == 16
+    assert checkpoint["params"] == load_params(trained_project.root / "params.yaml").model_dump(mode="json")
+    assert checkpoint["compute"] == {"device": "cpu", "precision": NATIVE_PRECISION}
+    normalization = checkpoint["normalization"]
+    assert len(normalization["mean"]) == len(normalization["std"]) == 3
+    assert all(0 < std for std in normalization["std"])
+    assert all(isinstance(tensor, torch.Tensor) for tensor in checkpoint["state_dict"].values())
+
+
+def test_load_checkpoint_gives_a_model_in_eval_mode_that_classifies_the_test_images(trained_project):
+    model, description = load_checkpoint(trained_project.model)
+
+    test = load_split(trained_project.prepared, "test")
+    images = torch.from_numpy(np.array(test.images)).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        logits = model(images)
+    assert not model.training
+    assert logits.shape == (len(test.labels), len(TINY_CLASSES))
+    assert torch.isfinite(logits).all()
+    assert "state_dict" not in description and description["classes"] == list(TINY_CLASSES)
+    saved = torch.load(trained_project.model, weights_only=True)["state_dict"]
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
+
+
+def test_the_summary_has_the_time_speed_device_and_precision_of_the_run(trained_project):
+    summary = summary_of(trained_project)
+
+    assert summary["train_seconds"] > 0
+    assert summary["images_per_second"] > 0
+    assert (summary["device"], summary["precision"], summary["threads"]) == ("cpu", NATIVE_PRECISION, 1)
+    assert summary["train_images"] == 30 + 60, "the prepared images and augment's copies"
+
+
+def test_each_curve_has_one_row_per_epoch(trained_project):
+    epochs = TINY_PARAMS["train.epochs"]
+
+    for name in CURVES:
+        rows = curve(trained_project, name)
+        assert rows["step"].tolist() == list(range(epochs)), name
+        assert rows[name.split("/")[-1]].map(math.isfinite).all(), name
+
+
+def test_the_same_seed_gives_identical_weights(trained_project, runs):
+    again = trained(runs, "same-params")
+
+    first = torch.load(trained_project.model, weights_only=True)["state_dict"]
+    second = torch.load(again.model, weights_only=True)["state_dict"]
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
+# --- models, optimisers, losses -------------------------------------------------------------
+
+
+def test_a_set_smaller_than_one_batch_trains(runs):
+    project = trained(runs, "smaller-than-a-batch")
+
+    assert summary_of(project)["train_images"] == 6
+    assert curve(project, "train/loss")["step"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("run", "model", "optimizer", "loss"),
+    [
+        ("smaller-than-a-batch", "lenet", "adam", "cross_entropy"),
+        ("rmsprop-mse", "convnet", "rmsprop", "mse"),
+    ],
+)
+def test_each_model_optimizer_and_loss_trains(runs, run, model, optimizer, loss):
+    project = trained(runs, run)
+
+    checkpoint = torch.load(project.model, weights_only=True)
+    settings = checkpoint["params"]["train"]
+    assert (checkpoint["architecture"], settings["optimizer"], settings["loss"]) == (model, optimizer, loss)
+    assert curve(project, "train/loss")["loss"].map(math.isfinite).all()
+
+
+def test_the_sgd_cross_entropy_default_trains(trained_project):
+    settings = torch.load(trained_project.model, weights_only=True)["params"]["train"]
+
+    assert (settings["model"], settings["optimizer"], settings["loss"]) == ("convnet", "sgd", "cross_entropy")
+    assert curve(trained_project, "train/loss")["loss"].map(math.isfinite).all()
+
+
+@pytest.mark.parametrize(("model", "smallest"), [("lenet", LeNet.MIN_IMAGE_SIZE), ("convnet", ConvNet.MIN_IMAGE_SIZE)])
+def test_each_model_runs_at_its_smallest_image_size_and_refuses_one_pixel_less(model, smallest):
+    network = build_model(model, 3, smallest, [8, 16, 16], [0.5] * 3, [0.25] * 3)
+
+    assert network(torch.rand(2, 3, smallest, smallest)).shape == (2, 3)
+    with pytest.raises(StageError, match=rf"train.model {model} needs data.image_size ≥ {smallest}"):
+        build_model(model, 3, smallest - 1, [8, 16, 16], [0.5] * 3, [0.25] * 3)
+
+
+def test_normalisation_is_measured_on_the_whole_training_set_not_its_first_images(tmp_path):
+    # Prepared image folders are sorted by class: here the first half black, the second white.
+    count = 20_001
+    images = torch.zeros(count, 3, 16, 16, dtype=torch.uint8)
+    images[count // 2 :] = 255
+    settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.model": "lenet"})).train
+
+    model = create_model(settings, ["black", "white"], ImageSet(images, torch.zeros(count, dtype=torch.int64)),
+                         resolve_compute("cpu", "fp32"))
+
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.5] * 3, abs=0.01)
+
+
+# --- device and precision -------------------------------------------------------------------
+
+
+def test_precision_auto_is_bf16_exactly_where_the_cpu_runs_it_natively(trained_project):
+    assert load_params(trained_project.root / "params.yaml").train.precision == "auto"
+
+    assert summary_of(trained_project)["precision"] == NATIVE_PRECISION
+
+
+def test_precision_fp32_is_used_when_asked(runs):
+    project = trained(runs, "smaller-than-a-batch")
+
+    assert summary_of(project)["precision"] == "fp32"
+    assert torch.load(project.model, weights_only=True)["compute"]["precision"] == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_device_cuda_without_a_gpu_fails_naming_train_device(runs):
+    project, result = runs["cuda"]
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: train.device is cuda" in result.stderr
+    assert not project.model.exists()
