@@ -21,6 +21,7 @@ STAGES = ("download", "augment", "train", "evaluate", "report")
 RUNNING = re.compile(r"Running stage '(?P<stage>[\w-]+)'")
 SKIPPED = re.compile(r"Stage '(?P<stage>[\w-]+)' (didn't change, skipping|is cached)")
 FAILED = re.compile(r"failed to reproduce '(?P<stage>[\w-]+)'")
+LOCKED = re.compile(r"(Updating|Generating) lock file")  # a stage's last line: what follows is DVC's
 
 
 class StageFailed(RuntimeError):
@@ -38,18 +39,16 @@ class PipelineRun:
 
     command: list[str]
     ran: list[str] = field(default_factory=list)
+    current_stage: str | None = None
     skipped: list[str] = field(default_factory=list)
     failed: str | None = None
     lines: list[str] = field(default_factory=list)
-
-    @property
-    def current_stage(self) -> str | None:
-        return self.ran[-1] if self.ran else None
 
     def read(self, line: str) -> None:
         self.lines.append(line)
         if running := RUNNING.search(line):
             self.ran.append(running["stage"])
+            self.current_stage = running["stage"]
         elif skipped := SKIPPED.search(line):
             self.skipped.append(skipped["stage"])
         elif failed := FAILED.search(line):
@@ -88,8 +87,8 @@ def stage_environment() -> dict[str, str]:
 
 
 def run_pipeline(command: list[str], project: Path, on_line: Callable[[str | None, str], None]) -> PipelineRun:
-    """Run a DVC command in project, passing each output line to on_line(stage, line) as it comes;
-    raise StageFailed with the stage's error when it fails."""
+    """Run a DVC command in project, passing each output line to on_line(stage, line) as it comes
+    (stage None for DVC's own lines); raise StageFailed with the stage's error when it fails."""
     run = PipelineRun(command)
     # stderr joins stdout so that the lines keep their order: a stage's error follows its log.
     with subprocess.Popen(command, cwd=project, env=stage_environment(), stdout=subprocess.PIPE,
@@ -99,6 +98,8 @@ def run_pipeline(command: list[str], project: Path, on_line: Callable[[str | Non
             if line:
                 run.read(line)
                 on_line(run.current_stage, line)
+                if LOCKED.search(line):
+                    run.current_stage = None
     if process.returncode != 0:
-        raise StageFailed(run.failed or run.current_stage, run.error_text())
+        raise StageFailed(run.failed or (run.ran[-1] if run.ran else None), run.error_text())
     return run

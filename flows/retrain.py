@@ -69,7 +69,7 @@ def promote_if_better(project: Path, decision: champion.Decision, provenance: di
     return decision.reason
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(
     overrides: list[str] | None = None,
     experiment_name: str | None = None,
