@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, classification_report
 
-from stages.datasets import load_split
-from stages.errors import run_stage
+from stages.datasets import load_meta, load_split
+from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
 from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path, write_json
@@ -38,6 +38,8 @@ def main() -> None:
     model = model.to(compute.device, memory_format=torch.channels_last)
     test = load_split(args.prepared, "test")
     classes = description["classes"]
+    if classes != load_meta(args.prepared)["classes"]:
+        raise StageError(f"{args.model} was trained on other classes than {args.prepared} holds; run train again")
 
     started = time.perf_counter()
     probabilities = predict(model, test.images, compute, settings.batch_size, settings.tta == "flip")

@@ -48,6 +48,9 @@ def main() -> None:
     torch.manual_seed(params.seed)  # model initialisation; batch order and augmentation use `generator`
     generator = torch.Generator().manual_seed(params.seed)
     compute = resolve_compute(settings.device, settings.precision)
+    # cuDNN picks among kernels by timing them unless told not to: same seed, same weights.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
@@ -194,12 +197,13 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     schedule = make_schedule(optimizer, settings, steps_per_epoch * settings.epochs)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
+        epoch_lr = optimizer.param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
         loss, accuracy = train_one_epoch(model, train_set, params, compute, generator, optimizer, schedule, loss_of, epoch)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
-        live.log_metric("lr", optimizer.param_groups[0]["lr"])
+        live.log_metric("lr", epoch_lr)
         message = f"epoch {epoch}/{settings.epochs}: train loss {loss:.4f}, accuracy {accuracy:.4f}"
         if settings.test_each_epoch or epoch == settings.epochs:
             test_loss, test_accuracy = measure(model, test_set, compute, loss_of, settings.batch_size)
