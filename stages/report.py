@@ -218,7 +218,7 @@ def learning_curves_png(history: dict[str, pd.Series]) -> bytes:
         axes.legend()
     accuracy_axes.yaxis.set_major_formatter(PercentFormatter(1.0))
     lr_axes.plot(history["lr"].index, history["lr"].to_numpy(), marker="o")
-    lr_axes.set(title="learning rate (end of epoch)", xlabel="epoch")
+    lr_axes.set(title="learning rate (start of epoch)", xlabel="epoch")
     for axes in (loss_axes, accuracy_axes, lr_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
