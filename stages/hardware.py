@@ -16,7 +16,7 @@ import torch
 
 from stages.errors import StageError
 
-log_hint = "set train.device to auto or cpu"
+DEVICE_HINT = "set train.device to auto or cpu"
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,9 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise StageError(f"train.device is cuda but torch {torch.__version__} sees no CUDA GPU here; {log_hint}")
+        raise StageError(f"train.device is cuda but torch {torch.__version__} sees no CUDA GPU here; {DEVICE_HINT}")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise StageError(f"train.device is mps but this machine has no Apple GPU (MPS) available; {log_hint}")
+        raise StageError(f"train.device is mps but this machine has no Apple GPU (MPS) available; {DEVICE_HINT}")
     return torch.device(device)
 
 
