@@ -1,0 +1,138 @@
+"""python -m bench: the tutorial baseline, then each preset through the pipeline; one results row per run.
+
+    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz                  # every preset
+    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets fast,default
+
+Writes <out>/results.csv (a row as soon as a run finishes), results.md and accuracy_vs_time.png.
+A rerun skips the rows already there (same CPU), so an interrupted run carries on; --fresh
+starts over. The tutorial always runs first: T, its training time, comes from the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.pipeline import (extract_archive, params_for_preset, parse_overrides, prepare_data, preset_names,
+                            read_params, run_preset)
+from bench.processes import ChildFailed, run_module
+from bench.results import TUTORIAL, append_row, load_rows, machine, plot_accuracy_vs_time, write_markdown
+
+log = logging.getLogger("bench")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    args = parse_args()
+    out, images = Path(args.out), Path(args.images)
+    if not images.exists():
+        raise SystemExit(f"error: --images {images} does not exist")
+    params = read_params(Path(args.params))
+    overrides = parse_overrides(args.set)
+    presets = args.presets.split(",") if args.presets else preset_names(params)
+    preset_params = {preset: params_for_preset(params, preset, overrides) for preset in presets}  # fail early
+    if args.fresh:
+        start_over(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".gitignore").write_text("# scratch projects and cached data of python -m bench; the results are kept\n"
+                                    "/cache/\n/runs/\n/bench.log\n")
+    rows = load_rows(out / "results.csv")
+    refuse_other_machine(rows, out)
+    log.info("benchmark into %s: tutorial, then %s", out, ", ".join(presets))
+
+    rows = run_tutorial(rows, images, args, out)
+    t_seconds = float(rows.loc[rows["name"] == TUTORIAL, "train_seconds"].iloc[0])
+    failed = []
+    for preset in presets:
+        if preset in set(rows["name"]):
+            log.info("%s: done before (row in %s), skipped", preset, out / "results.csv")
+            continue
+        try:
+            data = prepare_data(preset_params[preset], images, out / "cache")
+            log.info("%s: training (T = %.1f s)", preset, t_seconds)
+            figures = run_preset(preset, preset_params[preset], data, out / "runs")
+        except ChildFailed as error:
+            log.error("%s: failed, no row written (a rerun tries it again): %s", preset, error)
+            failed.append(preset)
+            continue
+        rows = record(out, rows, {"name": preset, **figures}, t_seconds)
+    log.info("finished: %s%s", out / "results.md", f"; failed: {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True,
+                        help="image folder or .tar.gz with train/<class>/ and test/<class>/ (e.g. CIFAR-10 as JPEGs)")
+    parser.add_argument("--presets", help="comma-separated; default: every preset in params.yaml's presets: section")
+    parser.add_argument("--out", default="reports/bench", help="results, and the cache/ and runs/ scratch folders")
+    parser.add_argument("--params", default="params.yaml", help="the project's params the presets start from")
+    parser.add_argument("--fresh", action="store_true", help="discard results.csv and the runs, start over")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key in every preset's params.yaml (smoke runs: train.epochs=1)")
+    parser.add_argument("--tutorial-epochs", type=int, default=2, help="the tutorial trains 2; fewer for smoke runs")
+    return parser.parse_args()
+
+
+def start_over(out: Path) -> None:
+    """Remove the results and the scratch projects; the decoded data cache stays valid and is kept."""
+    for name in ("results.csv", "results.md", "accuracy_vs_time.png"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    log.info("--fresh: removed the results in %s", out)
+
+
+def refuse_other_machine(rows: pd.DataFrame, out: Path) -> None:
+    # Refused rather than a new file started: the rows there may be hours of another machine's
+    # work, and ratios to T mean something only when every row, T included, ran on one CPU.
+    here = machine()["cpu_model"]
+    others = sorted(set(rows["cpu_model"]) - {here})
+    if others:
+        raise SystemExit(f"error: {out / 'results.csv'} holds rows measured on {', '.join(others)}, this machine is "
+                         f"{here}: timings of two machines do not compare. Use another --out, or --fresh to discard them.")
+
+
+def run_tutorial(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out: Path) -> pd.DataFrame:
+    if TUTORIAL in set(rows["name"]):
+        log.info("tutorial: done before (row in %s), skipped", out / "results.csv")
+        return rows
+    folder = extract_archive(images, out / "cache")
+    run_dir = out / "runs" / TUTORIAL
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("tutorial: training LeNet on %s, %d epochs (this is T)", folder, args.tutorial_epochs)
+    result_file = run_dir / "result.json"
+    finished = run_module("bench.tutorial", str(folder.resolve()), "--epochs", str(args.tutorial_epochs),
+                          "--result", str(result_file.resolve()), cwd=run_dir, log_file=run_dir / "tutorial.log",
+                          tag=TUTORIAL)
+    result = json.loads(result_file.read_text())
+    figures = {"name": TUTORIAL, "accuracy": result["accuracy"], "accuracy_tta": None,
+               "train_seconds": result["train_seconds"], "images_per_second": result["images_per_second"],
+               "peak_memory_mb": finished.peak_memory_mb, "device": result["device"],
+               "precision": result["precision"], "threads": result["threads"]}
+    return record(out, rows, figures, result["train_seconds"])
+
+
+def record(out: Path, rows: pd.DataFrame, figures: dict, t_seconds: float) -> pd.DataFrame:
+    """Append a finished run's row, then redraw the table and the plot from the whole file."""
+    rows = append_row(out / "results.csv", rows, figures, t_seconds)
+    write_markdown(out / "results.md", rows)
+    plot_accuracy_vs_time(out / "accuracy_vs_time.png", rows)
+    log.info("%s: accuracy %.4f%s, %.1f s of training (%.2f T) -> %s", figures["name"], figures["accuracy"],
+             f" ({figures['accuracy_tta']:.4f} with TTA)" if figures["accuracy_tta"] is not None else "",
+             figures["train_seconds"], figures["train_seconds"] / t_seconds, out / "results.csv")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ChildFailed as error:  # the tutorial or the data preparation: nothing can follow
+        logging.getLogger("bench").error("%s", error)
+        sys.exit(1)

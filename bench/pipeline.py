@@ -1,0 +1,183 @@
+"""A preset trained through the pipeline's own stages, as dvc.yaml runs them, in a scratch project.
+
+The data is downloaded (decoded) and augmented once per data settings into <out>/cache/; each
+preset then gets <out>/runs/<preset>/ with its own params.yaml, where train and evaluate run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from bench.processes import run_module
+
+log = logging.getLogger("bench")
+
+DEFAULT_PRESET = "default"  # params.yaml as it stands, where it defines no presets
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    prepared: Path
+    augmented: Path
+
+
+# --- params ----------------------------------------------------------------------------------
+
+
+def read_params(path: Path) -> dict:
+    return YAML(typ="safe", pure=True).load(path.read_text())
+
+
+def write_params(params: dict, folder: Path) -> Path:
+    path = folder / "params.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    with open(path, "w") as file:
+        yaml.dump(params, file)
+    return path
+
+
+def preset_names(params: dict) -> list[str]:
+    """Every preset params.yaml's `presets:` section names, or just `default` before there is one."""
+    return list(params.get("presets") or {}) or [DEFAULT_PRESET]
+
+
+def parse_overrides(settings: list[str]) -> dict:
+    """`train.epochs=1` → {"train.epochs": 1}; values are YAML, so `[8,16,16]` is a list."""
+    overrides = {}
+    for setting in settings:
+        key, separator, value = setting.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"error: --set {setting!r}: expected key=value, e.g. train.epochs=1")
+        overrides[key] = YAML(typ="safe", pure=True).load(value)
+    return overrides
+
+
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    params = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = params
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    return params
+
+
+def params_for_preset(params: dict, preset: str, overrides: dict) -> dict:
+    """The project's params with train.preset chosen and the train keys that preset sets removed
+    (explicit train.* keys override a preset, so leaving them would run params.yaml's recipe),
+    then the bench's --set overrides on top."""
+    presets = params.get("presets") or {}
+    params = copy.deepcopy(params)
+    if presets:
+        if preset not in presets:
+            raise SystemExit(f"error: no preset {preset!r} in params.yaml; it has: {', '.join(presets)}")
+        recipe = presets[preset] or {}
+        recipe = recipe.get("train", recipe) if isinstance(recipe, dict) else {}
+        for key in recipe:
+            params["train"].pop(key, None)
+        params["train"]["preset"] = preset
+    elif preset != DEFAULT_PRESET:
+        raise SystemExit(f"error: params.yaml has no presets: section, so the only preset is {DEFAULT_PRESET!r} "
+                         f"(params.yaml as it is), not {preset!r}")
+    return apply_overrides(params, overrides)
+
+
+# --- the data, once ---------------------------------------------------------------------------
+
+
+def prepare_data(params: dict, images: Path, cache: Path) -> PreparedData:
+    """download and augment (no copies) into the cache, unless done before with the same data settings."""
+    data_params = apply_overrides(params, {"data.source": str(images.resolve()), "augment.copies": 0})
+    key = hashlib.sha256(json.dumps([data_params["seed"], data_params["data"], data_params["augment"]],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache / f"data-{key}"
+    data = PreparedData(folder / "prepared", folder / "augmented")
+    if (data.augmented / "meta.json").is_file():
+        log.info("prepared data: %s (made before)", folder)
+        return data
+    write_params(data_params, folder)
+    log.info("prepared data: decoding %s into %s", images, data.prepared)
+    run_module("stages.download", "--raw", "raw", "--out", "prepared", "--stats", "download.json",
+               cwd=folder, log_file=folder / "download.log", tag="download")
+    run_module("stages.augment", "prepared", "augmented", "--preview", "augment_preview.png",
+               "--stats", "augment.json", cwd=folder, log_file=folder / "augment.log", tag="augment")
+    return data
+
+
+def extract_archive(archive: Path, cache: Path) -> Path:
+    """A .tar.gz/.tgz extracted once into the cache (the tutorial reads image files); folders as they are."""
+    if archive.is_dir():
+        return image_folder_root(archive)
+    if not archive.name.endswith((".tar.gz", ".tgz")):
+        raise SystemExit(f"error: --images {archive}: expected a folder or a .tar.gz/.tgz archive")
+    target = cache / f"images-{archive.name.split('.')[0]}"
+    if not target.is_dir():
+        log.info("extracting %s into %s (once)", archive, target)
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+        try:
+            with tarfile.open(archive) as tar:
+                # filter="data" refuses absolute names, `..`, links leading outside and devices.
+                tar.extractall(partial, filter="data")
+            partial.rename(target)  # complete or absent: a crash midway leaves only the hidden temporary
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return image_folder_root(target)
+
+
+def image_folder_root(folder: Path) -> Path:
+    """The folder holding train/ and test/: this one or its single subfolder (archives often wrap one)."""
+    if (folder / "train").is_dir():
+        return folder
+    children = [child for child in folder.iterdir() if child.is_dir()]
+    if len(children) == 1 and (children[0] / "train").is_dir():
+        return children[0]
+    raise SystemExit(f"error: {folder} holds no train/<class>/ folders (nor does a single folder inside it)")
+
+
+# --- one preset -------------------------------------------------------------------------------
+
+
+def run_preset(preset: str, params: dict, data: PreparedData, runs: Path) -> dict:
+    """Train and evaluate one preset in its scratch project; its figures for the results table."""
+    project = runs / preset
+    shutil.rmtree(project, ignore_errors=True)  # an interrupted run starts over
+    tta = params["evaluate"]["tta"] if params["evaluate"]["tta"] != "none" else "flip"
+    write_params(apply_overrides(params, {"evaluate.tta": tta}), project)
+    log_file = project / "stages.log"
+    prepared, augmented = str(data.prepared), str(data.augmented)
+    trained = run_module("stages.train", prepared, augmented, "model.pt", "--live", "train",
+                         cwd=project, log_file=log_file, tag=f"{preset} train")
+    run_module("stages.evaluate", "model.pt", prepared, "--metrics", "metrics.json", "--per-class", "per_class.csv",
+               "--predictions", "predictions.csv", cwd=project, log_file=log_file, tag=f"{preset} evaluate")
+    # The same model scored once more without test-time augmentation, in a folder of its own
+    # since evaluate reads its settings from the params.yaml beside it.
+    no_tta = project / "no_tta"
+    write_params(apply_overrides(params, {"evaluate.tta": "none"}), no_tta)
+    run_module("stages.evaluate", "../model.pt", prepared, "--metrics", "metrics.json", "--per-class", "per_class.csv",
+               "--predictions", "predictions.csv", cwd=no_tta, log_file=log_file, tag=f"{preset} evaluate, no TTA")
+
+    summary = json.loads((project / "train" / "metrics.json").read_text())
+    return {
+        "accuracy": json.loads((no_tta / "metrics.json").read_text())["accuracy"],
+        "accuracy_tta": json.loads((project / "metrics.json").read_text())["accuracy"],
+        "train_seconds": summary["train_seconds"],
+        "images_per_second": summary["images_per_second"],
+        "peak_memory_mb": trained.peak_memory_mb,
+        "device": summary["device"],
+        "precision": summary["precision"],
+        "threads": summary["threads"],
+    }

@@ -1,0 +1,49 @@
+"""Running a stage (or the tutorial) as a child process: its lines logged, its peak memory measured."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("bench")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Finished:
+    returncode: int
+    peak_memory_mb: float  # the child's maximum resident set size (ru_maxrss)
+
+
+class ChildFailed(Exception):
+    """A stage exited with an error; the message holds its last lines."""
+
+
+def run_module(module: str, *args: str, cwd: Path, log_file: Path, tag: str) -> Finished:
+    """`python -m module args` in cwd, as DVC would run it; every line it prints goes to log_file
+    and, prefixed with `tag`, to the bench's log. Raises ChildFailed on a non-zero exit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", module, *args]
+    last_lines: list[str] = []
+    with open(log_file, "a") as log_out:
+        log_out.write(f"$ {' '.join(command)}\n")
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, bufsize=1)
+        for line in child.stdout:
+            log_out.write(line)
+            log.info("[%s] %s", tag, line.rstrip())
+            last_lines = (last_lines + [line.rstrip()])[-20:]
+        child.stdout.close()
+        # os.wait4 instead of child.wait(): it also returns the child's resource usage, whose
+        # ru_maxrss (kB on Linux) is the peak memory of the process (DataLoader workers are
+        # separate processes: their peaks are not added, the largest one counts).
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise ChildFailed(f"{module} exited with {child.returncode}; its last lines:\n" + "\n".join(last_lines))
+    return Finished(child.returncode, round(usage.ru_maxrss / 1024, 1))

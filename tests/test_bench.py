@@ -1,0 +1,80 @@
+"""python -m bench, smoke-sized: the tutorial baseline and one preset on a tiny generated image
+archive, each trained for one epoch; a rerun skips the finished rows; another CPU's file is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ONE_THREAD, TINY_CLASSES, stage_environment
+from datamaker import PROJECT_ROOT, make_image_folder, make_tar_gz
+
+# Overrides that make the preset's run take a second: 16 px (the tutorial reads the 20 px files as they are).
+SMOKE_SETTINGS = ["data.image_size=16", "train.epochs=1", "train.widths=[8,16,16]", "train.device=cpu",
+                  "train.threads=1"]
+
+
+def run_bench(images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    settings = [argument for setting in SMOKE_SETTINGS for argument in ("--set", setting)]
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "--images", str(images), "--out", str(out), "--presets", "default",
+         "--tutorial-epochs", "1", *settings, *extra],
+        cwd=PROJECT_ROOT, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def benchmarked(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A finished smoke benchmark: (images archive, output folder, the run)."""
+    root = tmp_path_factory.mktemp("bench")
+    folder = make_image_folder(root / "images", classes=TINY_CLASSES, per_class=8, test_per_class=4, size=(20, 20))
+    archive = make_tar_gz(folder, root / "images.tar.gz", wrap="tiny")
+    out = root / "out"
+    return archive, out, run_bench(archive, out)
+
+
+def test_tutorial_and_preset_rows_are_written_with_sane_figures(benchmarked):
+    _, out, result = benchmarked
+    assert result.returncode == 0, result.stderr
+    rows = pd.read_csv(out / "results.csv").set_index("name")
+    assert list(rows.index) == ["tutorial", "default"]
+    assert rows["accuracy"].between(0, 1).all()
+    assert 0 <= rows.loc["default", "accuracy_tta"] <= 1
+    assert (rows["train_seconds"] > 0).all() and (rows["images_per_second"] > 0).all()
+    assert rows.loc["tutorial", "ratio_to_T"] == 1
+    assert rows.loc["default", "ratio_to_T"] == pytest.approx(
+        rows.loc["default", "train_seconds"] / rows.loc["tutorial", "train_seconds"], rel=0.01)
+    assert (rows["peak_memory_mb"] > 50).all()  # a Python process with torch loaded
+    assert rows["cpu_model"].nunique() == 1 and rows.loc["default", "device"] == "cpu"
+    assert rows.loc["tutorial", "precision"] == "fp32" and rows.loc["default", "threads"] == 1
+    markdown = (out / "results.md").read_text()
+    assert "T = **" in markdown and "| default " in markdown
+    assert (out / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_rerun_skips_finished_rows(benchmarked):
+    archive, out, _ = benchmarked
+    before = (out / "results.csv").read_text()
+    result = run_bench(archive, out)
+    assert result.returncode == 0, result.stderr
+    assert "tutorial: done before" in result.stderr and "default: done before" in result.stderr
+    assert "[default train]" not in result.stderr
+    assert (out / "results.csv").read_text() == before
+
+
+def test_rows_of_another_cpu_are_refused_and_kept(benchmarked, tmp_path):
+    archive, out, _ = benchmarked
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = pd.read_csv(out / "results.csv")
+    rows["cpu_model"] = "Some Other CPU"
+    rows.to_csv(other / "results.csv", index=False)
+    result = run_bench(archive, other)
+    assert result.returncode != 0
+    assert "Some Other CPU" in result.stderr and "--fresh" in result.stderr
+    assert pd.read_csv(other / "results.csv")["cpu_model"].eq("Some Other CPU").all()
+    assert not (other / "runs").exists()  # refused before any work
