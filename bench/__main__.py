@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -130,9 +131,18 @@ def record(out: Path, rows: pd.DataFrame, figures: dict, t_seconds: float) -> pd
     return rows
 
 
+def stop_on_sigterm(signal_number: int, frame) -> None:
+    # `kill <pid>` of a background run: unwind like Ctrl-C, so the running stage is stopped too.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         sys.exit(main())
     except ChildFailed as error:  # the tutorial or the data preparation: nothing can follow
-        logging.getLogger("bench").error("%s", error)
+        log.error("%s", error)
         sys.exit(1)
+    except KeyboardInterrupt:
+        log.info("stopped; the finished rows are kept, the same command carries on")
+        sys.exit(130)

@@ -34,10 +34,15 @@ def run_module(module: str, *args: str, cwd: Path, log_file: Path, tag: str) -> 
         log_out.write(f"$ {' '.join(command)}\n")
         child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, bufsize=1)
-        for line in child.stdout:
-            log_out.write(line)
-            log.info("[%s] %s", tag, line.rstrip())
-            last_lines = (last_lines + [line.rstrip()])[-20:]
+        try:
+            for line in child.stdout:
+                log_out.write(line)
+                log.info("[%s] %s", tag, line.rstrip())
+                last_lines = (last_lines + [line.rstrip()])[-20:]
+        except BaseException:  # Ctrl-C or `kill` of the bench: the child must not train on, orphaned
+            child.terminate()
+            child.wait()
+            raise
         child.stdout.close()
         # os.wait4 instead of child.wait(): it also returns the child's resource usage, whose
         # ru_maxrss (kB on Linux) is the peak memory of the process (DataLoader workers are
