@@ -6,10 +6,12 @@ allowed, so that the inside of the pipeline can trust what it is given.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -58,9 +60,11 @@ class AugmentParams(Section):
         return self
 
 
-class TrainParams(Section):
+class Recipe(Section):
+    """A training recipe: what a preset under `presets:` names, and what `train:` may override."""
+
     model: Literal[MODELS]
-    widths: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]
+    widths: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None  # convnet's blocks; null for lenet
     optimizer: Literal[OPTIMIZERS]
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
@@ -72,13 +76,40 @@ class TrainParams(Section):
     batch_size: int = Field(ge=1)
     loss: Literal[LOSSES]
     label_smoothing: float = Field(ge=0, lt=1)
+
+
+class Machine(Section):
+    """Where and how a recipe runs: set in `train:`, never by a preset."""
+
+    preset: str = Field(min_length=1)
     device: Literal[DEVICES]
     precision: Literal[PRECISIONS]
     threads: int = Field(ge=0)
     test_each_epoch: bool
 
+
+def _optional(field: FieldInfo) -> tuple:
+    """The same field, with its limits, but null by default: null takes the preset's value."""
+    optional = copy.copy(field)
+    optional.default = None
+    return (field.annotation | None, optional)
+
+
+# `train:` as written: the machine keys, plus every recipe key, null to take the preset's value.
+# params.yaml lists them all, null, because `dvc exp run -S train.lr=0.05` can only set a key
+# that is already there.
+TrainSection = create_model(
+    "TrainSection", __base__=Machine, **{name: _optional(field) for name, field in Recipe.model_fields.items()}
+)
+
+
+class TrainParams(Recipe, Machine):
+    """`train:` resolved: the preset's recipe with the explicit keys written over it."""
+
     @model_validator(mode="after")
     def check_combinations(self) -> TrainParams:
+        if self.model == "convnet" and self.widths is None:
+            raise ValueError("train.widths must be three block widths for the convnet model (e.g. [64, 128, 256])")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("train.nesterov is true but train.momentum is 0: Nesterov SGD needs momentum > 0")
         if self.loss == "mse" and self.label_smoothing > 0:
@@ -91,8 +122,21 @@ class EvaluateParams(Section):
     tta: Literal["none", "flip"]
 
 
-class Params(Section):
+class ParamsFile(Section):
+    """params.yaml as written."""
+
     seed: int = Field(ge=0, le=2**32 - 1)
+    data: DataParams
+    augment: AugmentParams
+    train: TrainSection
+    evaluate: EvaluateParams
+    presets: dict[str, Recipe] = Field(min_length=1)
+
+
+class Params(Section):
+    """params.yaml as the stages use it: `train` resolved against its preset."""
+
+    seed: int
     data: DataParams
     augment: AugmentParams
     train: TrainParams
@@ -107,10 +151,21 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ParamsError naming every key at fault."""
     raw = read_yaml(Path(path))
     try:
-        return Params.model_validate(raw)
+        written = ParamsFile.model_validate(raw)
+        return Params.model_validate({**written.model_dump(exclude={"presets", "train"}), "train": resolve_train(written)})
     except ValidationError as error:
         problems = "\n".join(f"  - {describe(problem)}" for problem in error.errors())
         raise ParamsError(f"{path} is not valid:\n{problems}") from None
+
+
+def resolve_train(written: ParamsFile) -> dict:
+    """The chosen preset's recipe, with every recipe key written under `train:` taking precedence."""
+    name = written.train.preset
+    if name not in written.presets:
+        raise ParamsError(f"train.preset: must be one of the presets defined in params.yaml: "
+                          f"{', '.join(written.presets)} (got {name!r})")
+    overrides = written.train.model_dump(exclude_none=True)  # null: the preset's value
+    return {**written.presets[name].model_dump(), **overrides}
 
 
 def read_yaml(path: Path) -> dict:
@@ -122,7 +177,7 @@ def read_yaml(path: Path) -> dict:
     except YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must be a mapping of sections (seed, data, augment, train, evaluate)")
+        raise ParamsError(f"{path} must be a mapping of sections (seed, data, augment, train, evaluate, presets)")
     return raw
 
 
@@ -145,7 +200,9 @@ def describe(problem: dict) -> str:
 
 
 def _section_at(loc: tuple) -> type[Section] | None:
-    model: type[Section] = Params
+    if tuple(loc[:1]) == ("presets",) and len(loc) == 2:
+        return Recipe
+    model: type[Section] = ParamsFile
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):

@@ -4,7 +4,8 @@
 
 Reads params `seed`, `train` and the on-the-fly augmentations `augment.flip`, `augment.crop_padding`.
 Per-epoch loss and accuracy go through DVCLive to <live>/plots/metrics/; the run's summary
-(train_seconds, images_per_second, device, precision, ...) to <live>/metrics.json.
+(train_seconds, images_per_second, device, precision, ...) to <live>/metrics.json, and the
+recipe that ran (`train.preset` resolved) to <live>/recipe.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from stages.datasets import load_meta, load_split
 from stages.errors import run_stage
 from stages.hardware import Compute, resolve_compute
 from stages.models import Classifier, ConvNet, build_model, save_checkpoint
+from stages.outputs import write_json
 from stages.params import Params, TrainParams, load_params
 
 log = logging.getLogger("train")
@@ -75,6 +77,8 @@ def main() -> None:
         for name, value in summary.items():
             live.log_metric(name, value, plot=False)
 
+    # The recipe that ran, preset resolved, as a metrics file: `dvc exp show` lists what ran.
+    write_json(Path(args.live) / "recipe.json", settings.model_dump(mode="json"))
     description = describe_run(model, classes, train_set.images.shape[-1], params, compute, summary)
     save_checkpoint(Path(args.model), model, description)
     log.info("saved %s: %.1f s of training, %.0f images/s", args.model, train_seconds, summary["images_per_second"])

@@ -39,10 +39,15 @@ def test_a_bad_value_is_refused_by_the_stage_before_any_work_with_the_key_named(
     assert not (project.root / "reports").exists()
 
 
-def test_the_project_params_yaml_is_valid():
+def test_the_project_params_yaml_is_valid_and_its_train_section_resolves_to_its_preset():
     params = load_params(PROJECT_ROOT / "params.yaml")
+    written = project_params()
 
-    assert params.model_dump() == project_params()
+    for section in ("seed", "data", "augment", "evaluate"):
+        assert params.model_dump()[section] == written[section]
+    preset = written["presets"][written["train"]["preset"]]
+    explicit = {key: value for key, value in written["train"].items() if value is not None}
+    assert params.train.model_dump() == {**preset, **explicit}
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
@@ -58,9 +63,40 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
 
 def test_a_missing_key_is_refused_since_none_has_a_default(tmp_path):
-    path = write_params(tmp_path, remove=("train.momentum",))
+    path = write_params(tmp_path, remove=("presets.default.momentum",))
 
-    with pytest.raises(ParamsError, match=r"train\.momentum: missing; every key is set in params.yaml"):
+    with pytest.raises(ParamsError, match=r"presets\.default\.momentum: missing; every key is set in params.yaml"):
+        load_params(path)
+
+
+def test_a_preset_gives_every_recipe_key_and_explicit_train_keys_override_it(tmp_path):
+    path = write_params(tmp_path, {"train.preset": "lenet", "train.epochs": 5})
+
+    settings = load_params(path).train
+
+    assert (settings.preset, settings.model, settings.batch_size, settings.lr) == ("lenet", "lenet", 4, 0.001)
+    assert settings.epochs == 5
+
+
+def test_an_unknown_preset_is_refused_with_the_defined_ones_named(tmp_path):
+    path = write_params(tmp_path, {"train.preset": "fastest"})
+
+    with pytest.raises(ParamsError, match=r"train\.preset: must be one of the presets defined in params.yaml: "
+                                          r"default, lenet \(got 'fastest'\)"):
+        load_params(path)
+
+
+def test_a_typo_inside_a_preset_is_refused_with_its_dotted_key(tmp_path):
+    path = write_params(tmp_path, {"presets.default.lrr": 0.1})
+
+    with pytest.raises(ParamsError, match=r"presets\.default\.lrr: unknown key; presets\.default accepts: model, widths"):
+        load_params(path)
+
+
+def test_an_override_is_checked_against_the_same_limits_as_a_preset(tmp_path):
+    path = write_params(tmp_path, {"train.preset": "lenet", "train.momentum": 1.5})
+
+    with pytest.raises(ParamsError, match=r"train\.momentum: must be less than 1 \(got 1\.5\)"):
         load_params(path)
 
 

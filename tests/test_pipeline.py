@@ -147,6 +147,9 @@ def test_exp_show_compares_the_experiments(repo: Path):
     adam = experiments["adam"]["data"]
     assert adam["params"]["params.yaml"]["data"]["train"]["optimizer"] == "adam"
     assert "accuracy" in adam["metrics"]["reports/metrics.json"]["data"]
+    # The recipe that ran, preset resolved, is a column too.
+    recipe = adam["metrics"]["reports/train/recipe.json"]["data"]
+    assert (recipe["preset"], recipe["optimizer"], recipe["epochs"]) == ("default", "adam", 2)
 
 
 def test_queued_sweep_with_a_relative_source_outside_the_project_runs(repo: Path):
