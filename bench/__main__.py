@@ -31,7 +31,8 @@ log = logging.getLogger("bench")
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     args = parse_args()
-    out, images = Path(args.out), Path(args.images)
+    # Absolute: the presets run in their own scratch folders, where a relative path would point elsewhere.
+    out, images = Path(args.out).resolve(), Path(args.images).resolve()
     if not images.exists():
         raise SystemExit(f"error: --images {images} does not exist")
     params = read_params(Path(args.params))

@@ -267,7 +267,7 @@ def describe_run(model: Classifier, classes: list[str], image_size: int, params:
     """Everything a later user of the checkpoint needs besides the weights, as plain values."""
     return {
         "architecture": params.train.model,
-        "widths": list(params.train.widths),
+        "widths": params.train.widths,  # None for lenet
         "classes": list(classes),
         "image_size": image_size,
         "normalization": {"mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()},

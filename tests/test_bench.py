@@ -19,11 +19,13 @@ SMOKE_SETTINGS = ["data.image_size=16", "train.epochs=1", "train.widths=[8,16,16
 
 
 def run_bench(images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The benchmark run from the folder holding `images` and `out`, both given as relative paths,
+    as the README's command gives them."""
     settings = [argument for setting in SMOKE_SETTINGS for argument in ("--set", setting)]
     return subprocess.run(
-        [sys.executable, "-m", "bench", "--images", str(images), "--out", str(out), "--presets", "default",
-         "--tutorial-epochs", "1", *settings, *extra],
-        cwd=PROJECT_ROOT, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "bench", "--images", images.name, "--out", out.name, "--presets", "default",
+         "--params", str(PROJECT_ROOT / "params.yaml"), "--tutorial-epochs", "1", *settings, *extra],
+        cwd=out.parent, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=120,
     )
 
 
@@ -70,6 +72,7 @@ def test_rows_of_another_cpu_are_refused_and_kept(benchmarked, tmp_path):
     archive, out, _ = benchmarked
     other = tmp_path / "other"
     other.mkdir()
+    (tmp_path / archive.name).symlink_to(archive)
     rows = pd.read_csv(out / "results.csv")
     rows["cpu_model"] = "Some Other CPU"
     rows.to_csv(other / "results.csv", index=False)

@@ -30,9 +30,10 @@ NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
 # and 60 augmented copies, batches of 16), each in its own folder.
 RUNS = {
     "same-params": {},
-    # 6 images and no augmented copies, all in one batch; and lenet, adam, fp32
-    "smaller-than-a-batch": {"train.model": "lenet", "train.optimizer": "adam", "train.lr": 0.001,
-                             "train.batch_size": 512, "train.precision": "fp32"},
+    # 6 images and no augmented copies, all in one batch; and the lenet preset (no widths), adam, fp32
+    "smaller-than-a-batch": {"train.preset": "lenet", "train.model": None, "train.widths": None,
+                             "train.optimizer": "adam", "train.lr": 0.001, "train.batch_size": 512,
+                             "train.precision": "fp32"},
     "rmsprop-mse": {"train.optimizer": "rmsprop", "train.lr": 0.001, "train.loss": "mse",
                     "train.label_smoothing": 0.0},
     "cuda": {"train.device": "cuda"},
@@ -219,3 +220,14 @@ def test_device_cuda_without_a_gpu_fails_naming_train_device(runs):
     assert "Traceback" not in result.stderr
     assert "error: train.device is cuda" in result.stderr
     assert not project.model.exists()
+
+
+def test_the_lenet_preset_trains_and_its_checkpoint_loads_without_widths(runs):
+    project = trained(runs, "smaller-than-a-batch")
+
+    model, description = load_checkpoint(project.model)
+
+    assert (description["architecture"], description["widths"]) == ("lenet", None)
+    assert description["params"]["train"]["preset"] == "lenet"
+    assert json.loads((project.reports / "train" / "recipe.json").read_text())["model"] == "lenet"
+    assert isinstance(model.network, LeNet)
