@@ -213,3 +213,10 @@ def trained_project(augmented_project, tmp_path_factory) -> Project:
     result = project.train()
     assert result.returncode == 0, result.stderr
     return project
+
+
+def finished(runs: dict, name: str) -> Project:
+    """The project of run `name` from a dict of (project, finished process), which must have succeeded."""
+    project, result = runs[name]
+    assert result.returncode == 0, result.stderr
+    return project

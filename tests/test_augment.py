@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import AUGMENTED_PARAMS, TINY_PARAMS, Project
+from conftest import AUGMENTED_PARAMS, TINY_PARAMS, Project, finished
 from stages.augment import PREVIEW_SCALE, build_policy, write_copies
 from stages.datasets import PreparedWriter, load_meta, load_split
 
@@ -41,13 +41,6 @@ def reruns(augmented_project, tmp_path_factory) -> dict[str, tuple[Project, subp
         return dict(zip(RERUNS, pool.map(augment_again, RERUNS)))
 
 
-def rerun(reruns: dict, name: str) -> Project:
-    """The project of the rerun `name`, which finished without error."""
-    project, result = reruns[name]
-    assert result.returncode == 0, result.stderr
-    return project
-
-
 def copies_of(project: Project) -> tuple[np.ndarray, np.ndarray]:
     """The augmented images and labels, read into memory."""
     copies = load_split(project.augmented, "copies")
@@ -60,7 +53,7 @@ def files_under(folder: Path) -> dict[str, bytes]:
 
 
 def test_copies_0_write_only_meta_json_and_still_the_preview_and_the_stats(reruns):
-    project = rerun(reruns, "no-copies")
+    project = finished(reruns, "no-copies")
 
     assert sorted(files_under(project.augmented)) == ["meta.json"]
     meta = load_meta(project.augmented)
@@ -104,7 +97,7 @@ def test_each_policy_writes_one_changed_copy_of_every_image(augmented_project, t
 
 
 def test_the_same_params_give_byte_identical_copies_preview_and_stats(augmented_project, reruns):
-    again = rerun(reruns, "same-params")
+    again = finished(reruns, "same-params")
 
     assert files_under(again.augmented) == files_under(augmented_project.augmented)
     preview = "augment_preview.png"
@@ -116,7 +109,7 @@ def test_the_same_params_give_byte_identical_copies_preview_and_stats(augmented_
 
 
 def test_another_seed_gives_different_copies_of_the_same_images(augmented_project, reruns):
-    reseeded = rerun(reruns, "seed-1")
+    reseeded = finished(reruns, "seed-1")
 
     images, labels = copies_of(reseeded)
     first_images, first_labels = copies_of(augmented_project)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, prepare_tiny_set
+from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, finished, prepare_tiny_set
 from datamaker import write_params
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import StageError
@@ -64,13 +64,6 @@ def runs(augmented_project, tmp_path_factory) -> dict[str, tuple[Project, Comple
     names = [name for name in RUNS if name != "cuda" or not torch.cuda.is_available()]
     with ThreadPoolExecutor(len(names)) as pool:
         return dict(zip(names, pool.map(train, names)))
-
-
-def trained(runs: dict, name: str) -> Project:
-    """The project of the run `name`, which finished without error."""
-    project, result = runs[name]
-    assert result.returncode == 0, result.stderr
-    return project
 
 
 def summary_of(project: Project) -> dict:
@@ -132,7 +125,7 @@ def test_each_curve_has_one_row_per_epoch(trained_project):
 
 
 def test_the_same_seed_gives_identical_weights(trained_project, runs):
-    again = trained(runs, "same-params")
+    again = finished(runs, "same-params")
 
     first = torch.load(trained_project.model, weights_only=True)["state_dict"]
     second = torch.load(again.model, weights_only=True)["state_dict"]
@@ -145,7 +138,7 @@ def test_the_same_seed_gives_identical_weights(trained_project, runs):
 
 
 def test_a_set_smaller_than_one_batch_trains(runs):
-    project = trained(runs, "smaller-than-a-batch")
+    project = finished(runs, "smaller-than-a-batch")
 
     assert summary_of(project)["train_images"] == 6
     assert curve(project, "train/loss")["step"].tolist() == [0, 1]
@@ -159,7 +152,7 @@ def test_a_set_smaller_than_one_batch_trains(runs):
     ],
 )
 def test_each_model_optimizer_and_loss_trains(runs, run, model, optimizer, loss):
-    project = trained(runs, run)
+    project = finished(runs, run)
 
     checkpoint = torch.load(project.model, weights_only=True)
     settings = checkpoint["params"]["train"]
@@ -206,7 +199,7 @@ def test_precision_auto_is_bf16_exactly_where_the_cpu_runs_it_natively(trained_p
 
 
 def test_precision_fp32_is_used_when_asked(runs):
-    project = trained(runs, "smaller-than-a-batch")
+    project = finished(runs, "smaller-than-a-batch")
 
     assert summary_of(project)["precision"] == "fp32"
     assert torch.load(project.model, weights_only=True)["compute"]["precision"] == "fp32"
@@ -223,7 +216,7 @@ def test_device_cuda_without_a_gpu_fails_naming_train_device(runs):
 
 
 def test_the_lenet_preset_trains_and_its_checkpoint_loads_without_widths(runs):
-    project = trained(runs, "smaller-than-a-batch")
+    project = finished(runs, "smaller-than-a-batch")
 
     model, description = load_checkpoint(project.model)
 
