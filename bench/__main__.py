@@ -15,17 +15,23 @@ import json
 import logging
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from bench.pipeline import (extract_archive, params_for_preset, parse_overrides, prepare_data, preset_names,
-                            read_params, run_preset)
+from stages.outputs import write_json
+
+from bench.pipeline import (extract_archive, measure_pipeline, params_for_preset, parse_overrides, prepare_data,
+                            preset_names, read_params, run_preset)
 from bench.processes import ChildFailed, run_module
-from bench.results import TUTORIAL, append_row, load_rows, machine, plot_accuracy_vs_time, write_markdown
+from bench.results import (REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machine, plot_accuracy_vs_time,
+                           write_markdown)
 
 log = logging.getLogger("bench")
+
+RESULT_FILES = ("results.csv", "results.md", "accuracy_vs_time.png", "pipeline.json")
 
 
 def main() -> int:
@@ -38,7 +44,8 @@ def main() -> int:
     params = read_params(Path(args.params))
     overrides = parse_overrides(args.set)
     presets = args.presets.split(",") if args.presets else preset_names(params)
-    preset_params = {preset: params_for_preset(params, preset, overrides) for preset in presets}  # fail early
+    preset_params = {preset: params_for_preset(params, preset, overrides)  # fail early
+                     for preset in [*presets, *args.repeat]}
     if args.fresh:
         start_over(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,21 +56,35 @@ def main() -> int:
     log.info("benchmark into %s: tutorial, then %s", out, ", ".join(presets))
 
     rows = run_tutorial(rows, images, args, out)
+    if args.commit:
+        commit_results(out, TUTORIAL)
     t_seconds = float(rows.loc[rows["name"] == TUTORIAL, "train_seconds"].iloc[0])
     failed = []
-    for preset in presets:
-        if preset in set(rows["name"]):
-            log.info("%s: done before (row in %s), skipped", preset, out / "results.csv")
+    for name in [*presets, *(f"{preset}{REPEAT_SUFFIX}" for preset in args.repeat)]:
+        preset = name.removesuffix(REPEAT_SUFFIX)
+        if name in set(rows["name"]):
+            log.info("%s: done before (row in %s), skipped", name, out / "results.csv")
             continue
         try:
             data = prepare_data(preset_params[preset], images, out / "cache")
-            log.info("%s: training (T = %.1f s)", preset, t_seconds)
-            figures = run_preset(preset, preset_params[preset], data, out / "runs")
+            log.info("%s: training (T = %.1f s)", name, t_seconds)
+            figures = run_preset(preset, preset_params[preset], data, out / "runs" / name)
         except ChildFailed as error:
-            log.error("%s: failed, no row written (a rerun tries it again): %s", preset, error)
-            failed.append(preset)
+            log.error("%s: failed, no row written (a rerun tries it again): %s", name, error)
+            failed.append(name)
             continue
-        rows = record(out, rows, {"name": preset, **figures}, t_seconds)
+        rows = record(out, rows, {"name": name, **figures}, t_seconds)
+        if args.commit:
+            commit_results(out, name)
+    if not (out / "pipeline.json").is_file() and not args.no_pipeline:
+        try:
+            write_json(out / "pipeline.json", measure_pipeline(params, overrides, images, out / "runs" / "pipeline"))
+            record(out, rows, None, t_seconds)
+            if args.commit:
+                commit_results(out, "pipeline")
+        except ChildFailed as error:
+            log.error("pipeline: failed (a rerun tries it again): %s", error)
+            failed.append("pipeline")
     log.info("finished: %s%s", out / "results.md", f"; failed: {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
 
@@ -80,12 +101,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key in every preset's params.yaml (smoke runs: train.epochs=1)")
     parser.add_argument("--tutorial-epochs", type=int, default=2, help="the tutorial trains 2; fewer for smoke runs")
+    parser.add_argument("--repeat", type=lambda text: text.split(","), default=[], metavar="PRESETS",
+                        help="run these presets a second time (rows <preset>-repeat): same seed, same figures?")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="skip timing the decoding and a no-op dvc repro in a scratch DVC project")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit the results files after each row (a long background run keeps what it measured)")
     return parser.parse_args()
 
 
 def start_over(out: Path) -> None:
     """Remove the results and the scratch projects; the decoded data cache stays valid and is kept."""
-    for name in ("results.csv", "results.md", "accuracy_vs_time.png"):
+    for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "runs", ignore_errors=True)
     log.info("--fresh: removed the results in %s", out)
@@ -121,15 +148,31 @@ def run_tutorial(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out
     return record(out, rows, figures, result["train_seconds"])
 
 
-def record(out: Path, rows: pd.DataFrame, figures: dict, t_seconds: float) -> pd.DataFrame:
-    """Append a finished run's row, then redraw the table and the plot from the whole file."""
+def record(out: Path, rows: pd.DataFrame, figures: dict | None, t_seconds: float) -> pd.DataFrame:
+    """Append a finished run's row (if any), then redraw the table and the plot from the whole file."""
+    if figures is None:
+        pipeline = json.loads((out / "pipeline.json").read_text())
+        write_markdown(out / "results.md", rows, pipeline)
+        log.info("pipeline: %s", pipeline)
+        return rows
     rows = append_row(out / "results.csv", rows, figures, t_seconds)
-    write_markdown(out / "results.md", rows)
+    pipeline_file = out / "pipeline.json"
+    write_markdown(out / "results.md", rows, json.loads(pipeline_file.read_text()) if pipeline_file.is_file() else None)
     plot_accuracy_vs_time(out / "accuracy_vs_time.png", rows)
     log.info("%s: accuracy %.4f%s, %.1f s of training (%.2f T) -> %s", figures["name"], figures["accuracy"],
              f" ({figures['accuracy_tta']:.4f} with TTA)" if figures["accuracy_tta"] is not None else "",
              figures["train_seconds"], figures["train_seconds"] / t_seconds, out / "results.csv")
     return rows
+
+
+def commit_results(out: Path, name: str) -> None:
+    """Commit the three results files, and nothing else that may be staged or changed."""
+    files = [str(out / file) for file in RESULT_FILES if (out / file).exists()]
+    subprocess.run(["git", "add", "--", *files], check=True, cwd=out)
+    done = subprocess.run(["git", "commit", "--quiet", "-m", f"bench: {name} row ({machine()['cpu_model']})", "--",
+                           *files], cwd=out, capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("could not commit the results (%s); they are on disk", (done.stderr or done.stdout).strip())
 
 
 def stop_on_sigterm(signal_number: int, frame) -> None:

@@ -17,10 +17,12 @@ from stages.hardware import cpu_model_name
 from stages.outputs import atomic_path
 
 COLUMNS = [
-    "name", "accuracy", "accuracy_tta", "train_seconds", "ratio_to_T", "images_per_second", "peak_memory_mb",
+    "name", "accuracy", "accuracy_tta", "train_seconds", "ratio_to_T", "images_per_second", "load_seconds",
+    "peak_memory_mb",
     "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version", "finished_at",
 ]
 TUTORIAL = "tutorial"
+REPEAT_SUFFIX = "-repeat"  # a preset's second run (--repeat), for the determinism check
 # The CPU features that decide training speed: AVX-512 and native bf16 (see stages/hardware.py).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
@@ -63,7 +65,7 @@ def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: flo
     return table
 
 
-def write_markdown(path: Path, rows: pd.DataFrame) -> None:
+def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None) -> None:
     tutorial = rows[rows["name"] == TUTORIAL].iloc[0]
     lines = [
         "# Benchmark: the tutorial baseline and the presets",
@@ -76,10 +78,36 @@ def write_markdown(path: Path, rows: pd.DataFrame) -> None:
         "",
         rows.to_markdown(index=False, floatfmt="g"),
         "",
+        *describe_pipeline(pipeline, rows),
+        *describe_repeats(rows),
         "Made by `python -m bench` (bench/); figures from one run on one machine.",
     ]
     with atomic_path(path) as partial:
         partial.write_text("\n".join(lines) + "\n")
+
+
+def describe_pipeline(pipeline: dict | None, rows: pd.DataFrame) -> list[str]:
+    if not pipeline:
+        return []
+    loads = rows["load_seconds"].dropna()
+    loading = f" loading the prepared data for training {loads.median():.2f} s (median of train's `load_seconds`);" \
+        if len(loads) else ""
+    return [f"The pipeline: decoding the {pipeline['decoded_images']:,}-image archive {pipeline['decode_seconds']:.1f} s;"
+            f"{loading} a no-op `dvc repro` (nothing changed) {pipeline['noop_repro_seconds']:.2f} s.", ""]
+
+
+def describe_repeats(rows: pd.DataFrame) -> list[str]:
+    """Target 6: a preset run twice, same seed and params, must give the same figures."""
+    lines = []
+    by_name = rows.set_index("name")
+    for name in rows["name"]:
+        original = name.removesuffix(REPEAT_SUFFIX)
+        if name.endswith(REPEAT_SUFFIX) and original in by_name.index:
+            same = all(by_name.loc[original, column] == by_name.loc[name, column] for column in ("accuracy", "accuracy_tta"))
+            lines += [f"Same seed, same params, same machine: `{original}` run twice gave "
+                      f"{'identical' if same else 'DIFFERENT'} accuracies ({by_name.loc[name, 'accuracy']:.4f}, "
+                      f"{by_name.loc[name, 'accuracy_tta']:.4f} with TTA).", ""]
+    return lines
 
 
 def plot_accuracy_vs_time(path: Path, rows: pd.DataFrame) -> None:

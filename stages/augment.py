@@ -5,8 +5,8 @@
 Writes `augment.copies` augmented copies of every training image with a torchvision
 `transforms.v2` policy (`augment.policy`), seeded so that the same params give the same bytes.
 The originals are not copied: train reads them from data/prepared and the copies from here,
-so `copies: 0` costs no disk at all. Flips and crops are cheap enough to be done by train on
-every batch; the preview shows them too, so it shows what the network sees.
+so `copies: 0` costs no disk at all. Flips and translations are cheap enough to be done by
+train on every batch: they belong to the training recipe (`train.flip`, `train.translate`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from stages.augmentations import random_crop, random_flip
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import run_stage
 from stages.outputs import atomic_path, write_json
@@ -94,19 +93,14 @@ def write_copies(writer: PreparedWriter, train, policy: v2.Transform | None, cop
 
 
 def save_preview(path: Path, images: np.ndarray, policy: v2.Transform | None, settings: AugmentParams, seed: int) -> None:
-    """A grid: a row of originals, then rows of what train sees (policy, then flip and crop)."""
+    """A grid: a row of originals, then three rows of what the policy makes of them (if any)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     picks = torch.randperm(len(images), generator=generator)[: settings.preview_images].sort().values
     originals = torch.from_numpy(np.stack([images[i] for i in picks.tolist()])).permute(0, 3, 1, 2)
     rows = [originals]
-    for _ in range(3):
-        augmented = torch.stack([policy(image) for image in originals]) if policy else originals
-        augmented = augmented.float() / 255
-        if settings.flip:
-            augmented = random_flip(augmented, generator)
-        augmented = random_crop(augmented, settings.crop_padding, generator)
-        rows.append((augmented * 255).round().to(torch.uint8))
+    if policy is not None:
+        rows += [torch.stack([policy(image) for image in originals]) for _ in range(3)]
     grid = make_grid(torch.cat(rows), nrow=len(originals), padding=2, pad_value=255)
     grid = F.interpolate(grid[None].float(), scale_factor=PREVIEW_SCALE, mode="nearest")[0].to(torch.uint8)
     with atomic_path(path) as partial:

@@ -11,8 +11,12 @@ import torch.nn.functional as F
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch (N, C, H, W) left to right."""
-    flip = torch.rand(len(images), generator=generator, device="cpu").to(images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return flip_chosen(images, torch.rand(len(images), generator=generator) < 0.5)
+
+
+def flip_chosen(images: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Mirror the images (N, C, H, W) where the boolean `chosen` (N,) is true, left to right."""
+    return torch.where(chosen.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

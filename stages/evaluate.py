@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, classification_report
 
 from stages.datasets import load_meta, load_split
@@ -42,7 +43,7 @@ def main() -> None:
         raise StageError(f"{args.model} was trained on other classes than {args.prepared} holds; run train again")
 
     started = time.perf_counter()
-    probabilities = predict(model, test.images, compute, settings.batch_size, settings.tta == "flip")
+    probabilities = predict(model, test.images, compute, settings.batch_size, settings.tta)
     eval_seconds = time.perf_counter() - started
     predicted = probabilities.argmax(axis=1)
 
@@ -69,19 +70,35 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.inference_mode()
-def predict(model: Classifier, images: np.ndarray, compute: Compute, batch_size: int, with_flip: bool) -> np.ndarray:
+def predict(model: Classifier, images: np.ndarray, compute: Compute, batch_size: int, tta: str) -> np.ndarray:
     """Class probabilities (N, classes) for (N, H, W, 3) uint8 images, read from the memory map in slices."""
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
         batch = batch.to(compute.device).float().div_(255)
         with compute.autocast():
-            probabilities = model(batch).float().softmax(dim=1)
-            if with_flip:
-                # Test-time augmentation: a mirrored image is as likely as the original.
-                probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
-        outputs.append(probabilities.cpu().numpy())
+            logits = logits_with_tta(model, batch, tta)
+        outputs.append(logits.float().softmax(dim=1).cpu().numpy())
     return np.concatenate(outputs)
+
+
+def logits_with_tta(model: Classifier, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """`evaluate.tta`: none; flip (the mean logits of an image and its mirror: a mirrored image is
+    as likely as the original); flip_translate, airbench's: half the flip's, plus a quarter each of
+    the flip's on the image shifted one pixel up-left and one down-right (6 passes)."""
+    if tta == "none":
+        return model(images).float()
+    mirrored = mean_over_mirror(model, images)
+    if tta == "flip":
+        return mirrored
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(mean_over_mirror(model, view) for view in shifted)
+
+
+def mean_over_mirror(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    return (model(images).float() + model(images.flip(-1)).float()) / 2
 
 
 def headline_metrics(labels: np.ndarray, predicted: np.ndarray, report: dict) -> dict:

@@ -47,17 +47,30 @@ class LeNet(nn.Module):
         return self.classifier(self.features(images))
 
 
+# airbench's: a tiny eps keeps BatchNorm a pure standardisation (its scales may be frozen at 1).
+BATCHNORM_EPS = 1e-12
+
+
 def conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
     """conv → max-pool → BN → GELU → conv → BN → GELU: the airbench block, one resolution halving."""
     return nn.Sequential(
-        nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+        identity_initialised_conv(channels_in, channels_out),
         nn.MaxPool2d(2),
-        nn.BatchNorm2d(channels_out),
+        nn.BatchNorm2d(channels_out, eps=BATCHNORM_EPS),
         nn.GELU(),
-        nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels_out),
+        identity_initialised_conv(channels_out, channels_out),
+        nn.BatchNorm2d(channels_out, eps=BATCHNORM_EPS),
         nn.GELU(),
     )
+
+
+def identity_initialised_conv(channels_in: int, channels_out: int) -> nn.Conv2d:
+    """A 3x3 conv whose first `channels_in` filters start as the identity (Dirac), the rest random:
+    as airbench does, so that at initialisation each block passes its input through."""
+    conv = nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(channels_in, channels_out)])
+    return conv
 
 
 class ConvNet(nn.Module):
@@ -81,10 +94,14 @@ class ConvNet(nn.Module):
             nn.Flatten(),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
+        # As airbench94 (Muon variant): unit-variance head weights, logits scaled down by the
+        # width, which keeps early softmax outputs soft whatever the width.
+        with torch.no_grad():
+            self.head.weight.div_(self.head.weight.std())
+        self.logit_scale = 1 / widths[2]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # The 1/9 scale on the logits follows airbench: it keeps early softmax outputs soft.
-        return self.head(self.body(self.whiten(images))) / 9
+        return self.head(self.body(self.whiten(images))) * self.logit_scale
 
     @torch.no_grad()
     def fit_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:

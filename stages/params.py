@@ -20,12 +20,14 @@ from stages.errors import StageError
 PARAMS_FILE = "params.yaml"
 
 MODELS = ("lenet", "convnet")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "muon")
+FLIPS = ("none", "random", "alternate")
 LOSSES = ("cross_entropy", "mse")
 SCHEDULES = ("linear", "cosine", "constant")
 POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment", "augmix")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+TTAS = ("none", "flip", "flip_translate")
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -45,8 +47,6 @@ class DataParams(Section):
 class AugmentParams(Section):
     copies: int = Field(ge=0, le=50)
     policy: Literal[POLICIES]
-    flip: bool
-    crop_padding: int = Field(ge=0, le=64)
     preview_images: int = Field(ge=1, le=256)
 
     @model_validator(mode="after")
@@ -67,15 +67,26 @@ class Recipe(Section):
     widths: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None  # convnet's blocks; null for lenet
     optimizer: Literal[OPTIMIZERS]
     lr: float = Field(gt=0)
+    head_lr: float | None = Field(gt=0)  # null: lr
+    bias_lr: float | None = Field(gt=0)  # null: lr
     momentum: float = Field(ge=0, lt=1)
+    muon_momentum: float | None = Field(ge=0, lt=1)
+    muon_ns_steps: int | None = Field(ge=1, le=20)  # Newton-Schulz iterations orthogonalising each update
     nesterov: bool
-    weight_decay: float = Field(ge=0)
+    weight_decay: float = Field(ge=0, lt=1)
     schedule: Literal[SCHEDULES]
     warmup_fraction: float = Field(ge=0, lt=1)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     loss: Literal[LOSSES]
     label_smoothing: float = Field(ge=0, lt=1)
+    flip: Literal[FLIPS]
+    translate: int = Field(ge=0, le=64)
+    batchnorm_momentum: float | None = Field(gt=0, le=1)  # convnet only
+    frozen_batchnorm_scale: bool
+    whiten_bias_epochs: int | None = Field(ge=0)  # convnet only; null: trained like every bias
+    resize_from: int | None = Field(ge=8)  # progressive resizing: first epoch's image side (null: none)
+    resize_epochs: int | None = Field(ge=1)  # epochs over which the side grows back to full size
 
 
 class Machine(Section):
@@ -110,8 +121,20 @@ class TrainParams(Recipe, Machine):
     def check_combinations(self) -> TrainParams:
         if self.model == "convnet" and self.widths is None:
             raise ValueError("train.widths must be three block widths for the convnet model (e.g. [64, 128, 256])")
-        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+        if self.model == "convnet" and self.batchnorm_momentum is None:
+            raise ValueError("train.batchnorm_momentum must be set for the convnet model (PyTorch's default is 0.1)")
+        if self.optimizer in ("sgd", "muon") and self.nesterov and self.momentum == 0:
             raise ValueError("train.nesterov is true but train.momentum is 0: Nesterov SGD needs momentum > 0")
+        if (self.resize_from is None) != (self.resize_epochs is None):
+            raise ValueError("train.resize_from and train.resize_epochs go together: set both (progressive resizing) "
+                             "or neither")
+        if self.optimizer == "muon":
+            if self.model != "convnet":
+                raise ValueError(f"train.optimizer muon trains convnet's conv filters; {self.model} has none to give it "
+                                 "(use sgd, adam or rmsprop)")
+            if self.muon_momentum is None or self.muon_ns_steps is None:
+                raise ValueError("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
+                                 "(e.g. 0.6 and 3)")
         if self.loss == "mse" and self.label_smoothing > 0:
             raise ValueError("train.label_smoothing applies to cross_entropy only; set it to 0 with loss: mse")
         return self
@@ -119,7 +142,7 @@ class TrainParams(Recipe, Machine):
 
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
-    tta: Literal["none", "flip"]
+    tta: Literal[TTAS]
 
 
 class ParamsFile(Section):
@@ -165,7 +188,12 @@ def resolve_train(written: ParamsFile) -> dict:
         raise ParamsError(f"train.preset: must be one of the presets defined in params.yaml: "
                           f"{', '.join(written.presets)} (got {name!r})")
     overrides = written.train.model_dump(exclude_none=True)  # null: the preset's value
-    return {**written.presets[name].model_dump(), **overrides}
+    recipe = written.presets[name].model_dump()
+    if overrides.get("optimizer", recipe["optimizer"]) != recipe["optimizer"]:
+        # A preset's head and bias lrs are tuned for its optimizer (Muon's SGD part takes lrs in
+        # the hundreds): with another optimizer they follow train.lr unless set as well.
+        recipe |= {"head_lr": None, "bias_lr": None}
+    return {**recipe, **overrides}
 
 
 def read_yaml(path: Path) -> dict:

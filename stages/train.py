@@ -2,7 +2,7 @@
 
     python -m stages.train data/prepared data/augmented models/model.pt --live reports/train
 
-Reads params `seed`, `train` and the on-the-fly augmentations `augment.flip`, `augment.crop_padding`.
+Reads params `seed`, `train` (with the preset it names under `presets`).
 Per-epoch loss and accuracy go through DVCLive to <live>/plots/metrics/; the run's summary
 (train_seconds, images_per_second, device, precision, ...) to <live>/metrics.json, and the
 recipe that ran (`train.preset` resolved) to <live>/recipe.json.
@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from dvclive import Live
 from tqdm import tqdm
 
-from stages.augmentations import random_crop, random_flip
+from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import load_meta, load_split
-from stages.errors import run_stage
+from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
 from stages.models import Classifier, ConvNet, build_model, save_checkpoint
 from stages.outputs import write_json
@@ -57,9 +58,15 @@ def main() -> None:
         torch.set_num_threads(settings.threads)
 
     classes = load_meta(args.prepared)["classes"]
+    started = time.perf_counter()
     train_set = load_training_set(Path(args.prepared), Path(args.augmented), compute)
     test_set = to_image_set(load_split(args.prepared, "test"), compute)
+    load_seconds = time.perf_counter() - started
     model = create_model(settings, classes, train_set, compute)
+    smallest = type(model.network).MIN_IMAGE_SIZE
+    if settings.resize_from is not None and settings.resize_from < smallest:
+        raise StageError(f"train.resize_from is {settings.resize_from}, but train.model {settings.model} needs images "
+                         f"of side ≥ {smallest}")
     log.info("training %s (%.2fM parameters) on %d images, %s, %d threads", settings.model,
              count_parameters(model) / 1e6, len(train_set.labels), compute.describe(), torch.get_num_threads())
 
@@ -67,6 +74,7 @@ def main() -> None:
         train_seconds = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
         images_seen = len(train_set.labels) * settings.epochs
         summary = {
+            "load_seconds": round(load_seconds, 3),  # the prepared train and test sets into memory
             "train_seconds": round(train_seconds, 2),
             "images_per_second": round(images_seen / train_seconds, 1),
             "device": compute.device.type,
@@ -141,30 +149,156 @@ def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet,
     model = build_model(settings.model, len(classes), train_set.images.shape[-1], settings.widths, mean, std)
     if isinstance(model.network, ConvNet):
         model.network.fit_whitening(model.normalize(sample))
+        set_up_batchnorm(model, settings)
+        if settings.whiten_bias_epochs == 0:
+            model.network.whiten.bias.requires_grad_(False)
     return model.to(compute.device, memory_format=torch.channels_last)
+
+
+def set_up_batchnorm(model: torch.nn.Module, settings: TrainParams) -> None:
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = settings.batchnorm_momentum
+            # Frozen at 1, as airbench: BatchNorm only standardises and shifts; the next conv scales.
+            layer.weight.requires_grad_(not settings.frozen_batchnorm_scale)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def make_optimizer(model: torch.nn.Module, settings: TrainParams) -> torch.optim.Optimizer:
-    # Weight decay on conv and linear weights only: decaying BatchNorm and bias terms only
-    # fights the normalisation (a common finding since Goyal et al., 2017).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": settings.weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr)
-    return torch.optim.RMSprop(groups, lr=settings.lr, momentum=settings.momentum)
+def make_optimizers(model: Classifier, settings: TrainParams) -> list[torch.optim.Optimizer]:
+    """One optimiser for every parameter, or for `muon` two: Muon for the conv filters, SGD for the rest."""
+    groups = parameter_groups(model, settings)
+    if settings.optimizer == "muon":
+        # Muon orthogonalises each conv filter bank's update (as a matrix); SGD trains the rest.
+        filters = [flatten_filters(conv) for conv in trainable_convs(model)]
+        muon = torch.optim.Muon(filters, lr=settings.lr, momentum=settings.muon_momentum, nesterov=settings.nesterov,
+                                weight_decay=0.0, ns_steps=settings.muon_ns_steps, adjust_lr_fn="original")
+        optimizers = [muon, sgd(groups.without_filters(), settings)]
+    elif settings.optimizer == "sgd":
+        optimizers = [sgd(groups.all(), settings)]
+    elif settings.optimizer == "adam":
+        optimizers = [torch.optim.AdamW(groups.all(), lr=settings.lr)]
+    else:
+        optimizers = [torch.optim.RMSprop(groups.all(), lr=settings.lr, momentum=settings.momentum)]
+    return optimizers
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, settings: TrainParams, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_fraction` of the steps, then constant, linear or cosine decay to zero."""
+def sgd(groups: list[dict], settings: TrainParams) -> torch.optim.SGD:
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
+
+
+@dataclass
+class ParameterGroups:
+    """The trainable parameters by role, each role with its learning rate and weight decay."""
+
+    filters: list[torch.nn.Parameter]  # conv weights
+    head: list[torch.nn.Parameter]  # the last linear layer's weight
+    weights: list[torch.nn.Parameter]  # other conv and linear weights
+    biases: list[torch.nn.Parameter]  # biases, BatchNorm shifts and scales
+    whitening_bias: list[torch.nn.Parameter]  # convnet's first layer, on its own schedule
+    settings: TrainParams
+
+    def all(self) -> list[dict]:
+        decayed = self.settings.weight_decay
+        return nonempty([self.group(self.filters + self.weights, self.settings.lr, decayed),
+                         self.group(self.head, self.head_lr, decayed),
+                         self.group(self.biases, self.bias_lr, 0.0),
+                         self.group(self.whitening_bias, self.bias_lr, 0.0, whitening=True)])
+
+    def without_filters(self) -> list[dict]:
+        # As airbench: with Muon (filters renormalised each step), weight decay goes to the rest.
+        decayed = self.settings.weight_decay
+        return nonempty([self.group(self.head + self.weights, self.head_lr, decayed),
+                         self.group(self.biases, self.bias_lr, decayed),
+                         self.group(self.whitening_bias, self.bias_lr, decayed, whitening=True)])
+
+    @property
+    def head_lr(self) -> float:
+        return self.settings.head_lr or self.settings.lr
+
+    @property
+    def bias_lr(self) -> float:
+        return self.settings.bias_lr or self.settings.lr
+
+    @staticmethod
+    def group(params: list, lr: float, weight_decay: float, whitening: bool = False) -> dict:
+        # Decoupled weight decay: torch's coupled decay scaled by 1/lr shrinks the weights by
+        # `weight_decay` per step at the peak learning rate whatever the group's lr, and follows
+        # the schedule (Loshchilov & Hutter, 2019).
+        return {"params": params, "lr": lr, "weight_decay": weight_decay / lr, "whitening": whitening}
+
+
+def nonempty(groups: list[dict]) -> list[dict]:
+    return [group for group in groups if group["params"]]
+
+
+def parameter_groups(model: Classifier, settings: TrainParams) -> ParameterGroups:
+    head = last_linear(model)
+    whitening = [model.network.whiten.bias] if isinstance(model.network, ConvNet) else []
+    special = {id(p) for p in [head.weight, *whitening]}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    return ParameterGroups(
+        filters=[p for p in trainable if p.ndim == 4],
+        head=[head.weight] if head.weight.requires_grad else [],
+        weights=[p for p in trainable if p.ndim in (2, 3)],
+        biases=[p for p in trainable if p.ndim <= 1],
+        whitening_bias=[p for p in whitening if p.requires_grad],
+        settings=settings,
+    )
+
+
+def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    return [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)][-1]
+
+
+def trainable_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    return [layer for layer in model.modules() if isinstance(layer, torch.nn.Conv2d) and layer.weight.requires_grad]
+
+
+class FlatFilters(torch.nn.Module):
+    """A conv weight kept as a matrix, one row per filter (torch.optim.Muon takes 2-D parameters only),
+    seen by the conv as its (out, in, kh, kw) weight in channels_last order."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, matrix: torch.Tensor) -> torch.Tensor:
+        out, channels, height, width = self.shape
+        return matrix.view(out, height, width, channels).permute(0, 3, 1, 2)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
+
+
+def flatten_filters(conv: torch.nn.Conv2d) -> torch.nn.Parameter:
+    parametrize.register_parametrization(conv, "weight", FlatFilters(conv.weight.shape), unsafe=True)
+    return conv.parametrizations.weight.original
+
+
+def unflatten_filters(model: torch.nn.Module) -> None:
+    """Back to plain conv weights, for the checkpoint."""
+    for layer in model.modules():
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+
+
+@torch.no_grad()
+def renormalise_filters(optimizer: torch.optim.Optimizer) -> None:
+    """Each filter bank back to norm sqrt(filters) before Muon's step: airbench's Muon keeps the
+    weights' scale fixed (BatchNorm makes the net blind to it) so its steps keep their size."""
+    for group in optimizer.param_groups:
+        for matrix in group["params"]:
+            matrix.mul_(len(matrix) ** 0.5 / matrix.norm())
+
+
+def make_schedules(optimizers: list[torch.optim.Optimizer], settings: TrainParams, steps_per_epoch: int
+                   ) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """Linear warm-up over `warmup_fraction` of the steps, then constant, linear or cosine decay to
+    zero; the whitening bias, when `whiten_bias_epochs` is set, decays to zero over those epochs."""
+    total_steps = steps_per_epoch * settings.epochs
     warmup_steps = int(settings.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:
@@ -177,7 +311,14 @@ def make_schedule(optimizer: torch.optim.Optimizer, settings: TrainParams, total
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def whitening_factor(step: int) -> float:
+        if settings.whiten_bias_epochs is None:
+            return factor(step)
+        return max(0.0, 1 - step / (steps_per_epoch * settings.whiten_bias_epochs))
+
+    return [torch.optim.lr_scheduler.LambdaLR(optimizer, [whitening_factor if group.get("whitening") else factor
+                                                          for group in optimizer.param_groups])
+            for optimizer in optimizers]
 
 
 def loss_function(settings: TrainParams, num_classes: int):
@@ -197,13 +338,18 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     settings = params.train
     loss_of = loss_function(settings, num_classes)
     steps_per_epoch = math.ceil(len(train_set.labels) / min(settings.batch_size, len(train_set.labels)))
-    optimizer = make_optimizer(model, settings)
-    schedule = make_schedule(optimizer, settings, steps_per_epoch * settings.epochs)
+    optimizers = make_optimizers(model, settings)
+    schedules = make_schedules(optimizers, settings, steps_per_epoch)
+    flips = Flips(settings.flip, len(train_set.labels), generator)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
-        epoch_lr = optimizer.param_groups[0]["lr"]  # where the epoch starts on the schedule
+        if isinstance(model.network, ConvNet) and epoch > (settings.whiten_bias_epochs or math.inf):
+            # Frozen, not merely at lr 0: the first conv then needs no input gradient (~5 % a step).
+            model.network.whiten.bias.requires_grad_(False)
+        epoch_lr = optimizers[0].param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
-        loss, accuracy = train_one_epoch(model, train_set, params, compute, generator, optimizer, schedule, loss_of, epoch)
+        loss, accuracy = train_one_epoch(model, train_set, settings, compute, generator, optimizers, schedules,
+                                         loss_of, flips, epoch)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
@@ -216,35 +362,65 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
             message += f"; test loss {test_loss:.4f}, accuracy {test_accuracy:.4f}"
         log.info("%s (%.1f s)", message, train_seconds)
         live.next_step()
+    unflatten_filters(model)
     return train_seconds
 
 
-def train_one_epoch(model, train_set: ImageSet, params: Params, compute: Compute, generator, optimizer, schedule,
-                    loss_of, epoch: int) -> tuple[float, float]:
+def train_one_epoch(model, train_set: ImageSet, settings: TrainParams, compute: Compute, generator, optimizers,
+                    schedules, loss_of, flips: Flips, epoch: int) -> tuple[float, float]:
     model.train()
+    side = image_side(settings, epoch, train_set.images.shape[-1])
     total_loss = torch.zeros((), device=compute.device)
     total_correct = torch.zeros((), device=compute.device)
-    index_batches = batches(len(train_set.labels), params.train.batch_size, generator)
-    for indices in tqdm(index_batches, desc=f"epoch {epoch}", leave=False, disable=None):
-        images = augment_batch(as_float(train_set.images[indices.to(compute.device)]), params, generator)
+    for indices in tqdm(batches(len(train_set.labels), settings.batch_size, generator), desc=f"epoch {epoch}",
+                        leave=False, disable=None):
+        images = as_float(train_set.images[indices.to(compute.device)])
+        images = random_crop(flips.apply(images, indices, epoch), settings.translate, generator)
+        if side < images.shape[-1]:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         labels = train_set.labels[indices.to(compute.device)]
         with compute.autocast():
-            logits = model(images)
+            logits = model(images.contiguous(memory_format=torch.channels_last))
         loss = loss_of(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        for optimizer, schedule in zip(optimizers, schedules):
+            if isinstance(optimizer, torch.optim.Muon):
+                renormalise_filters(optimizer)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
     count = len(train_set.labels)
     return total_loss.item() / count, total_correct.item() / count
 
 
-def augment_batch(images: torch.Tensor, params: Params, generator: torch.Generator) -> torch.Tensor:
-    if params.augment.flip:
-        images = random_flip(images, generator)
-    return random_crop(images, params.augment.crop_padding, generator).contiguous(memory_format=torch.channels_last)
+def image_side(settings: TrainParams, epoch: int, full_side: int) -> int:
+    """Progressive resizing (as fast.ai's and FFCV's ImageNet runs): the first epochs see smaller
+    images, which cost fewer FLOPs in every conv, growing linearly (to even sides) back to full size."""
+    if settings.resize_from is None or epoch > settings.resize_epochs:
+        return full_side
+    start = min(settings.resize_from, full_side)
+    side = start + (full_side - start) * (epoch - 1) / settings.resize_epochs
+    return min(full_side, 2 * round(side / 2))
+
+
+class Flips:
+    """`train.flip`: none, random (each image, each epoch, by chance), or alternate: a random half
+    in the first epoch, then every image the other way round from its previous epoch, so that
+    each sees both sides equally often (airbench's alternating flip, Jordan 2024)."""
+
+    def __init__(self, kind: str, count: int, generator: torch.Generator):
+        self.kind = kind
+        self.generator = generator
+        self.first_epoch = torch.rand(count, generator=generator) < 0.5 if kind == "alternate" else None
+
+    def apply(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self.kind == "random":
+            return random_flip(images, self.generator)
+        if self.kind == "alternate":
+            return flip_chosen(images, self.first_epoch[indices] ^ (epoch % 2 == 0))
+        return images
 
 
 @torch.inference_mode()

@@ -1,8 +1,10 @@
-"""python -m bench, smoke-sized: the tutorial baseline and one preset on a tiny generated image
-archive, each trained for one epoch; a rerun skips the finished rows; another CPU's file is refused."""
+"""python -m bench, smoke-sized: the tutorial baseline and one preset (twice) on a tiny generated
+image archive, each trained for one epoch, and the pipeline's decode and no-op `dvc repro` times
+from a scratch DVC project; a rerun skips the finished rows; another CPU's file is refused."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ def run_bench(images: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", "bench", "--images", images.name, "--out", out.name, "--presets", "default",
          "--params", str(PROJECT_ROOT / "params.yaml"), "--tutorial-epochs", "1", *settings, *extra],
-        cwd=out.parent, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=120,
+        cwd=out.parent, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=300,
     )
 
 
@@ -36,14 +38,14 @@ def benchmarked(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProce
     folder = make_image_folder(root / "images", classes=TINY_CLASSES, per_class=8, test_per_class=4, size=(20, 20))
     archive = make_tar_gz(folder, root / "images.tar.gz", wrap="tiny")
     out = root / "out"
-    return archive, out, run_bench(archive, out)
+    return archive, out, run_bench(archive, out, "--repeat", "default")
 
 
 def test_tutorial_and_preset_rows_are_written_with_sane_figures(benchmarked):
     _, out, result = benchmarked
     assert result.returncode == 0, result.stderr
     rows = pd.read_csv(out / "results.csv").set_index("name")
-    assert list(rows.index) == ["tutorial", "default"]
+    assert list(rows.index) == ["tutorial", "default", "default-repeat"]
     assert rows["accuracy"].between(0, 1).all()
     assert 0 <= rows.loc["default", "accuracy_tta"] <= 1
     assert (rows["train_seconds"] > 0).all() and (rows["images_per_second"] > 0).all()
@@ -56,6 +58,28 @@ def test_tutorial_and_preset_rows_are_written_with_sane_figures(benchmarked):
     markdown = (out / "results.md").read_text()
     assert "T = **" in markdown and "| default " in markdown
     assert (out / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_preset_run_twice_gives_the_same_accuracies_and_the_table_says_so(benchmarked):
+    _, out, _ = benchmarked
+    rows = pd.read_csv(out / "results.csv").set_index("name")
+
+    assert rows.loc["default", ["accuracy", "accuracy_tta"]].tolist() == \
+        rows.loc["default-repeat", ["accuracy", "accuracy_tta"]].tolist()
+    assert "`default` run twice gave identical accuracies" in (out / "results.md").read_text()
+
+
+def test_the_pipeline_figures_come_from_a_real_dvc_repro_and_its_no_op_rerun(benchmarked):
+    _, out, _ = benchmarked
+    pipeline = json.loads((out / "pipeline.json").read_text())
+
+    assert pipeline["decoded_images"] == len(TINY_CLASSES) * (8 + 4)
+    assert 0 < pipeline["decode_seconds"] and 0 < pipeline["noop_repro_seconds"] < 30
+    scratch = out / "runs" / "pipeline"
+    assert (scratch / "dvc.lock").is_file() and (scratch / "models" / "model.pt").is_file()
+    assert "a no-op `dvc repro` (nothing changed)" in (out / "results.md").read_text()
+    rows = pd.read_csv(out / "results.csv")
+    assert (rows.loc[rows["name"] != "tutorial", "load_seconds"] > 0).all()
 
 
 def test_a_rerun_skips_finished_rows(benchmarked):

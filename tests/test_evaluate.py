@@ -1,5 +1,5 @@
-"""The evaluate stage, run as DVC runs it on the tiny trained project, with and without flip
-test-time augmentation: headline metrics, a per-class table and one prediction per test image,
+"""The evaluate stage, run as DVC runs it on the tiny trained project, with each test-time
+augmentation (none, flip, flip_translate): headline metrics, a per-class table and one prediction per test image,
 all telling the same story."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from conftest import AUGMENTED_PARAMS, TINY_CLASSES, Project
 from stages.datasets import load_split
 
-TTA = ("flip", "none")
+TTA = ("flip_translate", "flip", "none")
 HEADLINE = [f"{name}_{average}" for average in ("macro", "weighted") for name in ("precision", "recall", "f1")]
 
 

@@ -16,7 +16,7 @@ REFUSED = [
     pytest.param("train.lr", -0.1, ["greater than 0", "-0.1"], id="lr-negative"),
     pytest.param("train.epochs", 0, ["greater than or equal to 1"], id="epochs-zero"),
     pytest.param("train.model", "resnet", ["'lenet' or 'convnet'", "'resnet'"], id="model"),
-    pytest.param("train.optimizer", "adamw", ["'sgd', 'adam' or 'rmsprop'", "'adamw'"], id="optimizer"),
+    pytest.param("train.optimizer", "adamw", ["'sgd', 'adam', 'rmsprop' or 'muon'", "'adamw'"], id="optimizer"),
     pytest.param("train.loss", "hinge", ["'cross_entropy' or 'mse'", "'hinge'"], id="loss"),
     pytest.param("augment.policy", "cutmix", ["'trivialaugment'", "'augmix'", "'cutmix'"], id="augment-policy"),
 ]
@@ -82,7 +82,7 @@ def test_an_unknown_preset_is_refused_with_the_defined_ones_named(tmp_path):
     path = write_params(tmp_path, {"train.preset": "fastest"})
 
     with pytest.raises(ParamsError, match=r"train\.preset: must be one of the presets defined in params.yaml: "
-                                          r"default, lenet \(got 'fastest'\)"):
+                                          r"accurate, airbench94, default, fast, lenet \(got 'fastest'\)"):
         load_params(path)
 
 
@@ -108,9 +108,9 @@ def test_an_unknown_top_level_section_lists_the_sections(tmp_path):
 
 
 def test_a_value_of_the_wrong_kind_is_not_coerced(tmp_path):
-    path = write_params(tmp_path, {"augment.flip": 1})
+    path = write_params(tmp_path, {"train.frozen_batchnorm_scale": 1})
 
-    with pytest.raises(ParamsError, match=r"augment\.flip: must be a valid boolean \(got 1\)"):
+    with pytest.raises(ParamsError, match=r"train\.frozen_batchnorm_scale: must be a valid boolean \(got 1\)"):
         load_params(path)
 
 
@@ -150,3 +150,32 @@ def test_invalid_yaml_is_refused_with_the_file_named(tmp_path):
 
     with pytest.raises(ParamsError, match=r"params.yaml is not valid YAML"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.preset": "lenet", "train.optimizer": "muon", "train.muon_momentum": 0.6, "train.muon_ns_steps": 3},
+         "train.optimizer muon trains convnet's conv filters; lenet has none"),
+        ({"presets.default.muon_momentum": None}, "train.muon_momentum and train.muon_ns_steps must be set"),
+        ({"presets.default.resize_epochs": None}, "train.resize_from and train.resize_epochs go together"),
+        ({"train.batchnorm_momentum": None, "presets.default.batchnorm_momentum": None},
+         "train.batchnorm_momentum must be set for the convnet model"),
+    ],
+    ids=["muon-on-lenet", "muon-without-its-momentum", "resize-half-set", "convnet-without-batchnorm-momentum"],
+)
+def test_recipe_keys_that_need_each_other_are_refused_naming_both(tmp_path, overrides, message):
+    path = write_params(tmp_path, overrides)
+
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_another_optimizer_than_the_presets_drops_its_head_and_bias_lrs_unless_set(tmp_path):
+    other = load_params(write_params(tmp_path, {"train.optimizer": "adam", "train.lr": 0.003})).train
+    both = load_params(write_params(tmp_path, {"train.optimizer": "adam", "train.lr": 0.003, "train.head_lr": 0.01})).train
+    preset = load_params(write_params(tmp_path, {})).train
+
+    assert (other.head_lr, other.bias_lr) == (None, None)  # train.lr for every group
+    assert (both.head_lr, both.bias_lr) == (0.01, None)
+    assert preset.optimizer == "muon" and preset.head_lr > 100

@@ -15,18 +15,18 @@ import pytest
 import torch
 
 from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, finished, prepare_tiny_set
-from datamaker import write_params
+from datamaker import make_image_folder, write_params
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import StageError
 from stages.hardware import cpu_has_native_bf16, resolve_compute
 from stages.models import ConvNet, LeNet, build_model, load_checkpoint
 from stages.params import load_params
-from stages.train import ImageSet, create_model
+from stages.train import Flips, ImageSet, create_model, image_side
 
 CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
 NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
 
-# Train runs besides trained_project's (convnet, sgd, cross-entropy, precision auto, 30 images
+# Train runs besides trained_project's (the default preset: convnet, muon, cross-entropy, precision auto, 30 images
 # and 60 augmented copies, batches of 16), each in its own folder.
 RUNS = {
     "same-params": {},
@@ -36,7 +36,13 @@ RUNS = {
                              "train.precision": "fp32"},
     "rmsprop-mse": {"train.optimizer": "rmsprop", "train.lr": 0.001, "train.loss": "mse",
                     "train.label_smoothing": 0.0},
+    "sgd": {"train.optimizer": "sgd", "train.lr": 0.2, "train.momentum": 0.9, "train.weight_decay": 0.0001},
     "cuda": {"train.device": "cuda"},
+    # the airbench94 preset (Muon, frozen BatchNorm scales, alternating flips, whitening bias
+    # trained one epoch of two) on tiny widths, with progressive resizing from 10 pixels
+    "airbench94": {"train.preset": "airbench94", "train.widths": [8, 16, 16], "train.epochs": 2,
+                   "train.batch_size": 16, "train.whiten_bias_epochs": 1, "train.resize_from": 10,
+                   "train.resize_epochs": 1},
 }
 
 
@@ -160,11 +166,18 @@ def test_each_model_optimizer_and_loss_trains(runs, run, model, optimizer, loss)
     assert curve(project, "train/loss")["loss"].map(math.isfinite).all()
 
 
-def test_the_sgd_cross_entropy_default_trains(trained_project):
+def test_the_default_preset_trains_convnet_with_muon_and_cross_entropy(trained_project):
     settings = torch.load(trained_project.model, weights_only=True)["params"]["train"]
 
-    assert (settings["model"], settings["optimizer"], settings["loss"]) == ("convnet", "sgd", "cross_entropy")
+    assert (settings["model"], settings["optimizer"], settings["loss"]) == ("convnet", "muon", "cross_entropy")
     assert curve(trained_project, "train/loss")["loss"].map(math.isfinite).all()
+
+
+def test_sgd_trains_convnet(runs):
+    project = finished(runs, "sgd")
+
+    assert torch.load(project.model, weights_only=True)["params"]["train"]["optimizer"] == "sgd"
+    assert curve(project, "train/loss")["loss"].map(math.isfinite).all()
 
 
 @pytest.mark.parametrize(("model", "smallest"), [("lenet", LeNet.MIN_IMAGE_SIZE), ("convnet", ConvNet.MIN_IMAGE_SIZE)])
@@ -181,7 +194,7 @@ def test_normalisation_is_measured_on_the_whole_training_set_not_its_first_image
     count = 20_001
     images = torch.zeros(count, 3, 16, 16, dtype=torch.uint8)
     images[count // 2 :] = 255
-    settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.model": "lenet"})).train
+    settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.preset": "lenet", "train.widths": None})).train
 
     model = create_model(settings, ["black", "white"], ImageSet(images, torch.zeros(count, dtype=torch.int64)),
                          resolve_compute("cpu", "fp32"))
@@ -224,3 +237,64 @@ def test_the_lenet_preset_trains_and_its_checkpoint_loads_without_widths(runs):
     assert description["params"]["train"]["preset"] == "lenet"
     assert json.loads((project.reports / "train" / "recipe.json").read_text())["model"] == "lenet"
     assert isinstance(model.network, LeNet)
+
+
+# --- the airbench94 recipe: Muon, frozen BatchNorm scales, alternating flips, resizing ----------
+
+
+def test_the_muon_preset_trains_and_saves_plain_conv_weights(runs):
+    project = finished(runs, "airbench94")
+
+    model, description = load_checkpoint(project.model)
+
+    assert description["params"]["train"]["optimizer"] == "muon"
+    convs = [layer for layer in model.modules() if isinstance(layer, torch.nn.Conv2d)]
+    assert all(conv.weight.ndim == 4 for conv in convs)
+    assert curve(project, "train/loss")["loss"].map(math.isfinite).all()
+
+
+def test_muon_keeps_each_conv_filter_bank_at_norm_sqrt_of_its_filters(runs):
+    model, _ = load_checkpoint(finished(runs, "airbench94").model)
+
+    # renormalised before each step, then moved by one lr-sized orthogonal step, last of all at lr ~0
+    for conv in [layer for layer in model.network.body.modules() if isinstance(layer, torch.nn.Conv2d)]:
+        assert conv.weight.norm().item() == pytest.approx(len(conv.weight) ** 0.5, rel=0.05)
+
+
+def test_frozen_batchnorm_scales_stay_at_one_and_use_the_recipes_momentum(runs):
+    model, description = load_checkpoint(finished(runs, "airbench94").model)
+
+    norms = [layer for layer in model.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+    assert norms and all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in norms)
+    assert description["params"]["train"]["batchnorm_momentum"] == 0.4
+
+
+def test_alternate_flips_mirror_each_image_every_other_epoch():
+    images = torch.arange(6 * 4, dtype=torch.float32).view(6, 1, 2, 2)
+    flips = Flips("alternate", len(images), torch.Generator().manual_seed(0))
+    everything = torch.arange(len(images))
+
+    mirrored = [[torch.equal(out, image.flip(-1)) for out, image in zip(flips.apply(images, everything, epoch), images)]
+                for epoch in (1, 2, 3)]
+
+    assert mirrored[0] == mirrored[2]
+    assert mirrored[1] == [not flipped for flipped in mirrored[0]]
+
+
+@pytest.mark.parametrize(("epoch", "side"), [(1, 16), (2, 20), (3, 24), (4, 28), (5, 32), (9, 32)])
+def test_progressive_resizing_grows_the_side_linearly_back_to_full_size(tmp_path, epoch, side):
+    settings = load_params(write_params(tmp_path, {"train.resize_from": 16, "train.resize_epochs": 4})).train
+
+    assert image_side(settings, epoch, 32) == side
+
+
+def test_resizing_below_the_models_smallest_image_is_refused(project):
+    make_image_folder(project.root / "images", per_class=2, test_per_class=1, size=(16, 16))
+    project.write_params({**TINY_PARAMS, "data.source": "images", "train.resize_from": 8, "train.resize_epochs": 1})
+    assert project.download().returncode == 0 and project.augment().returncode == 0
+
+    result = project.train()
+
+    assert result.returncode == 1
+    assert "error: train.resize_from is 8, but train.model convnet needs images of side ≥ 9" in result.stderr
+    assert not project.model.exists()
