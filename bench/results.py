@@ -59,7 +59,8 @@ def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: flo
     row = {**figures, **machine(),
            "ratio_to_T": round(figures["train_seconds"] / t_seconds, 3),
            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    table = pd.concat([rows, pd.DataFrame([row])[COLUMNS]], ignore_index=True) if len(rows) else pd.DataFrame([row])[COLUMNS]
+    new = pd.DataFrame([row]).reindex(columns=COLUMNS)  # the tutorial has no load_seconds
+    table = pd.concat([rows, new], ignore_index=True) if len(rows) else new
     with atomic_path(csv_path) as partial:
         table.to_csv(partial, index=False)
     return table
