@@ -36,7 +36,7 @@ def write_params(project: Path) -> dict:
     yaml = YAML()
     params = yaml.load((PROJECT / "params.yaml").read_text())
     params["data"]["image_size"] = IMAGE_SIZE
-    params["train"]["model"] = "lenet"
+    params["train"]["preset"] = "lenet"
     with open(project / "params.yaml", "w") as file:
         yaml.dump(params, file)
     return load_params(project / "params.yaml").model_dump(mode="json")
