@@ -44,6 +44,7 @@ from torch.nn.utils import prune
 
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
+from stages.hardware import cpu_model_name
 from stages.models import Classifier, load_checkpoint, save_checkpoint
 from stages.outputs import atomic_path, write_json
 from stages.params import CompressParams, load_params
@@ -100,7 +101,7 @@ def main() -> None:
     table = compare_with_reference(pd.DataFrame(rows))
     with atomic_path(args.table) as partial:
         table.to_csv(partial, index=False)
-    write_json(args.metrics, headline_metrics(table, engine))
+    write_json(args.metrics, headline_metrics(table, engine, settings))
 
 
 def parse_args() -> argparse.Namespace:
@@ -288,9 +289,11 @@ def compare_with_reference(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def headline_metrics(table: pd.DataFrame, engine: str | None) -> dict:
-    """One entry per variant, flat enough for `dvc exp show` columns (`int8.accuracy`, `int8.speedup`, ...)."""
-    metrics: dict = {"int8_backend": engine or "none", "threads": int(table["threads"].iloc[0])}
+def headline_metrics(table: pd.DataFrame, engine: str | None, settings: CompressParams) -> dict:
+    """How it was measured, then one entry per variant, flat enough for `dvc exp show` columns
+    (`int8.accuracy`, `int8.speedup`, ...)."""
+    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]), "int8_backend": engine or "none",
+                     "batch_size": settings.batch_size, "latency_repeats": settings.latency_repeats}
     for row in table.itertuples():
         metrics[row.variant] = {
             "accuracy": row.accuracy, "accuracy_change": row.accuracy_change, "size_mb": round(row.size_bytes / 1e6, 3),
