@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -15,6 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 from ruamel.yaml import YAML
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from stages.datasets import checksum_arrays
@@ -260,6 +264,64 @@ def test_the_compression_table_names_the_backend_and_the_machine(reported: Path)
     assert [cell.strip() for cell in int8.split("|")[1:-1]] == [
         "int8", "TorchScript", "int8", "x86", "0.64 MB", "27%", "0%", "76.67%", "-3.33 pp", "1.000 ms", "4.00×", "3600"]
     assert "Tiny CPU 3000 with 1 thread(s)" in section and "median of 50 single-image runs" in section
+
+
+# --- in a real browser ----------------------------------------------------------------------
+
+# Debian's packages (`apt-get install chromium chromium-driver`), which .ci/run installs.
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Headless, and as root (CI) without the sandbox; no background connections, which a closed
+# network refuses by the dozen.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium driven through chromedriver (selenium), keeping the page's console log."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (.ci/run installs them)")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def full_page_screenshot(driver, path: Path) -> None:
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                             "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def test_the_html_report_shows_every_picture_and_runs_its_script_without_error(reported: Path, browser, tmp_path):
+    browser.get((reported / "reports" / "report.html").as_uri())
+    pictures = browser.execute_script(
+        "return Array.from(document.images).map((image) => [image.alt, image.complete && image.naturalWidth > 0])")
+    screenshot = tmp_path / "report.png"
+    full_page_screenshot(browser, screenshot)
+    print(f"screenshot of the report: {screenshot}")
+
+    assert len(pictures) == len(PICTURES) + 1
+    assert [alt for alt, shown in pictures if not shown] == []  # no broken image
+    header = browser.find_element(By.XPATH, "//table[contains(@class, 'sortable')]//th[text()='recall']")
+    header.click()
+    header.click()  # the second click sorts descending
+    classes_shown = browser.execute_script(
+        "return Array.from(document.querySelector('table.sortable').tBodies[0].rows).map((row) => row.cells[0].textContent)")
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []  # no script error
+    assert classes_shown == ["airplane", "fish & chips", "cat"]  # recall 100 %, 90 %, 60 %; weakest F1 first before
+    with Image.open(screenshot) as shot:
+        assert shot.width >= 1200 and shot.height > 3000  # the whole page, not the window
 
 
 # --- failures ------------------------------------------------------------------------------
