@@ -85,6 +85,7 @@ def main() -> None:
     calibration = calibration_images(Path(args.prepared), settings.calibration_images, params.seed)
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # DVC expects the folder, also when compress.variants is empty
     variants = [Variant("fp32", Path(args.model), model, torch.float32, "fp32", "checkpoint", "eager",
                         weight_sparsity(model))]
     for name in settings.variants:
@@ -180,7 +181,7 @@ def write_and_reload(name: str, model: Classifier, description: dict, path: Path
         half = reloaded.to(HALF_TYPES[name])
         return Variant(name, path, half, HALF_TYPES[name], name, "checkpoint", "eager", weight_sparsity(half))
     if name == "exported":
-        program = export_program(model, as_input(calibration[:2]))
+        program = export_program(model, as_input(calibration[:1].repeat(2, axis=0)))
         with atomic_path(path) as partial, open(partial, "wb") as file:
             torch.export.save(program, file)
         return Variant(name, path, torch.export.load(path).module(), torch.float32, "fp32", "torch.export", "eager",
@@ -219,7 +220,8 @@ def prune_by_magnitude(model: Classifier, amount: float) -> Classifier:
 
 
 def export_program(model: Classifier, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """The fp32 model as a torch.export program taking any batch size."""
+    """The fp32 model as a torch.export program taking any batch size (traced on a batch of two: torch.export
+    specialises a dimension it sees as 1)."""
     return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 

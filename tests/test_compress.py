@@ -121,6 +121,15 @@ def test_a_second_run_with_fewer_variants_leaves_only_their_files(compressed, tm
     assert list(table_of(project).index) == ["fp32", "pruned"]
 
 
+def test_no_variants_measure_the_reference_alone_and_leave_an_empty_folder(trained_project, tmp_path):
+    project, result = compress(trained_project, tmp_path, **{"compress.variants": []})
+
+    assert result.returncode == 0, result.stderr
+    assert list((project.root / "models" / "compressed").iterdir()) == []
+    assert list(table_of(project).index) == ["fp32"]
+    assert json.loads((project.reports / "compression.json").read_text())["int8_backend"] == "none"
+
+
 # --- bad inputs ----------------------------------------------------------------------------
 
 
