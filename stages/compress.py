@@ -1,4 +1,5 @@
-"""Stage 5, compress: smaller and faster copies of the trained model, each scored on the test split.
+"""Stage compress, beside evaluate after train: smaller and faster copies of the trained model, each
+scored on the test split.
 
     python -m stages.compress models/model.pt data/prepared --out models/compressed \\
         --table reports/compression.csv --metrics reports/compression.json
@@ -81,7 +82,6 @@ def main() -> None:
         torch.set_num_threads(settings.threads)
     engine = choose_int8_engine(settings.int8_backend) if "int8" in settings.variants else None
     test = load_split(args.prepared, "test")
-
     calibration = calibration_images(Path(args.prepared), settings.calibration_images, params.seed)
 
     out = Path(args.out)
@@ -294,7 +294,8 @@ def compare_with_reference(table: pd.DataFrame) -> pd.DataFrame:
 def headline_metrics(table: pd.DataFrame, engine: str | None, settings: CompressParams) -> dict:
     """How it was measured, then one entry per variant, flat enough for `dvc exp show` columns
     (`int8.accuracy`, `int8.speedup`, ...)."""
-    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]), "int8_backend": engine or "none",
+    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]),
+                     "int8_backend": engine or "none",
                      "batch_size": settings.batch_size, "latency_repeats": settings.latency_repeats}
     for row in table.itertuples():
         metrics[row.variant] = {

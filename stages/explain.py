@@ -79,7 +79,8 @@ def explanation_grid_png(images: np.ndarray, heat_maps: np.ndarray, captions: Se
         row, column = divmod(index, pairs_per_row)
         image_axes, heat_axes = axes[row, 2 * column], axes[row, 2 * column + 1]
         image_axes.set_axis_on(), heat_axes.set_axis_on()
-        draw_explanation(figure, image_axes, heat_axes, image, heat_map, caption, colours[index] if colours else "black")
+        colour = colours[index] if colours else "black"
+        draw_explanation(figure, image_axes, heat_axes, image, heat_map, caption, colour)
     return png_bytes(figure)
 
 

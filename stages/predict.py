@@ -67,7 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--explain", metavar="OUT_DIR",
-                        help="also write OUT_DIR/<image name>.png: the image beside a Grad-CAM heat map for its top class")
+                        help="also write OUT_DIR/<image name>.png: the image beside a Grad-CAM heat map "
+                             "for its top class")
     args = parser.parse_args()
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")

@@ -35,7 +35,6 @@ matplotlib.use("Agg")  # before anything imports pyplot: the stage draws files, 
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from ruamel.yaml import YAML

@@ -262,7 +262,8 @@ def test_the_compression_table_names_the_backend_and_the_machine(reported: Path)
     int8 = next(line for line in section.splitlines() if line.startswith("| int8"))
 
     assert [cell.strip() for cell in int8.split("|")[1:-1]] == [
-        "int8", "TorchScript", "int8", "x86", "0.64 MB", "27%", "0%", "76.67%", "-3.33 pp", "1.000 ms", "4.00×", "3600"]
+        "int8", "TorchScript", "int8", "x86", "0.64 MB", "27%", "0%", "76.67%", "-3.33 pp", "1.000 ms", "4.00×",
+        "3600"]
     assert "Tiny CPU 3000 with 1 thread(s)" in section and "median of 50 single-image runs" in section
 
 
@@ -317,7 +318,8 @@ def test_the_html_report_shows_every_picture_and_runs_its_script_without_error(r
     header.click()
     header.click()  # the second click sorts descending
     classes_shown = browser.execute_script(
-        "return Array.from(document.querySelector('table.sortable').tBodies[0].rows).map((row) => row.cells[0].textContent)")
+        "return Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
+        ".map((row) => row.cells[0].textContent)")
     assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []  # no script error
     assert classes_shown == ["airplane", "fish & chips", "cat"]  # recall 100 %, 90 %, 60 %; weakest F1 first before
     with Image.open(screenshot) as shot:
