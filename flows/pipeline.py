@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("download", "augment", "train", "evaluate", "report")
+STAGES = ("download", "augment", "train", "evaluate", "compress", "report")
 
 # What DVC prints when a stage starts, is skipped, and when one fails.
 RUNNING = re.compile(r"Running stage '(?P<stage>[\w-]+)'")

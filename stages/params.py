@@ -28,6 +28,8 @@ POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment", "augmix")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 TTAS = ("none", "flip", "flip_translate")
+COMPRESSED_VARIANTS = ("int8", "pruned", "bf16", "fp16", "exported")
+INT8_BACKENDS = ("auto", "x86", "fbgemm", "onednn", "qnnpack")
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -145,6 +147,29 @@ class EvaluateParams(Section):
     tta: Literal[TTAS]
 
 
+class CompressParams(Section):
+    variants: list[Literal[COMPRESSED_VARIANTS]]
+    int8_backend: Literal[INT8_BACKENDS]
+    calibration_images: int = Field(ge=1)
+    prune_amount: float = Field(gt=0, lt=1)
+    batch_size: int = Field(ge=1)
+    latency_repeats: int = Field(ge=1)
+    threads: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def variants_are_distinct(self) -> CompressParams:
+        repeated = sorted({name for name in self.variants if self.variants.count(name) > 1})
+        if repeated:
+            raise ValueError(f"compress.variants names {', '.join(repeated)} more than once; list each variant once")
+        return self
+
+
+class ReportParams(Section):
+    explained_per_class: int = Field(ge=0, le=20)
+    explained_mistakes: int = Field(ge=0, le=100)
+    misclassified_grid: int = Field(ge=0, le=200)
+
+
 class ParamsFile(Section):
     """params.yaml as written."""
 
@@ -153,6 +178,8 @@ class ParamsFile(Section):
     augment: AugmentParams
     train: TrainSection
     evaluate: EvaluateParams
+    compress: CompressParams
+    report: ReportParams
     presets: dict[str, Recipe] = Field(min_length=1)
 
 
@@ -164,6 +191,8 @@ class Params(Section):
     augment: AugmentParams
     train: TrainParams
     evaluate: EvaluateParams
+    compress: CompressParams
+    report: ReportParams
 
 
 class ParamsError(StageError):

@@ -1,12 +1,14 @@
 """Classify your own images with a trained model.
 
     python -m stages.predict photo.jpg more-photos/ [--model models/model.pt] [--top-k 3] [--format table]
+    python -m stages.predict photo.jpg --explain explained/    # also: the image beside its Grad-CAM heat map
 
 Uses the promoted champion (models/champion/model.pt) when there is one, else the pipeline's
 last trained model (models/model.pt), or the checkpoint `--model` names. Images of any size and
 common format (grayscale, palette and RGBA included) are prepared exactly as `download` prepared
 the training images. An unreadable file is reported by name and the others are still
-classified; the exit status is 1 when any file failed.
+classified; the exit status is 1 when any file failed. With --explain, one PNG per classified
+file shows the image beside a Grad-CAM heat map of where the model saw its top class.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 from tqdm import tqdm
 
 from stages.errors import StageError, run_stage
+from stages.explain import explanation_grid_png, grad_cam
 from stages.image_folders import IMAGE_SUFFIXES, BadImage, decode_image
 from stages.models import Classifier, load_checkpoint
+from stages.outputs import atomic_path
 
 log = logging.getLogger("predict")
 
@@ -47,6 +51,8 @@ def main() -> None:
     log.info("classifying %d file(s) with %s (%s)", len(files), model_path, description["architecture"])
     predictions = classify(model, files, description["image_size"], args.batch_size)
     print(render(predictions, description["classes"], args.top_k, args.format))
+    if args.explain:
+        write_explanations(model, predictions, description, args.batch_size, Path(args.explain))
     for name, why in predictions.failures.items():
         log.error("%s: %s", name, why)
     if predictions.failures:
@@ -60,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--explain", metavar="OUT_DIR",
+                        help="also write OUT_DIR/<image name>.png: the image beside a Grad-CAM heat map "
+                             "for its top class")
     args = parser.parse_args()
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
@@ -115,6 +124,37 @@ def classify(model: Classifier, files: list[Path], image_size: int, batch_size: 
     if batch_images:
         flush()
     return predictions
+
+
+def write_explanations(model: Classifier, predictions: Predictions, description: dict, batch_size: int,
+                       out_dir: Path) -> None:
+    """One PNG per classified file: the image as the model saw it, beside its heat map for the top class."""
+    names = overlay_names(predictions.files)
+    for start in range(0, len(predictions.files), batch_size):
+        files = predictions.files[start : start + batch_size]
+        # Decoded again rather than kept by classify: classify holds one batch in memory, however many files.
+        images = np.stack([decode_image(Path(file).read_bytes(), description["image_size"], file) for file in files])
+        probabilities = predictions.probabilities[start : start + batch_size]
+        top = [int(row.argmax()) for row in probabilities]
+        heat_maps = grad_cam(model, images, top)
+        for file, image, heat_map, index, row in zip(files, images, heat_maps, top, probabilities):
+            caption = f"{Path(file).name}: {description['classes'][index]} {row[index]:.1%}"
+            png = explanation_grid_png(image[None], heat_map[None], [caption], pairs_per_row=1, pair_inches=(6, 3.3))
+            with atomic_path(out_dir / names[file]) as partial:
+                partial.write_bytes(png)
+    log.info("wrote %d explanation(s) to %s", len(predictions.files), out_dir)
+
+
+def overlay_names(files: list[str]) -> dict[str, str]:
+    """`<stem>.png` for each file; files of the same stem (from two folders, or a.jpg and a.png) get -2, -3, ..."""
+    names, taken = {}, set()
+    for file in files:
+        stem, number = Path(file).stem, 1
+        while (name := f"{stem}.png" if number == 1 else f"{stem}-{number}.png") in taken:
+            number += 1
+        names[file] = name
+        taken.add(name)
+    return names
 
 
 def render(predictions: Predictions, classes: list[str], top_k: int, output_format: str) -> str:

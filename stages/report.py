@@ -1,13 +1,16 @@
 """Stage 5, report: gather what the earlier stages wrote into one page to read, in Markdown and HTML.
 
     python -m stages.report --prepared data/prepared --model models/model.pt --reports reports \\
-        --markdown reports/report.md --html reports/report.html
+        --champion models/champion/metrics.json --markdown reports/report.md --html reports/report.html
 
-Reads params.yaml (shown whole), data/prepared/meta.json, the model's description and, under
---reports, download.json, augment.json, augment_preview.png, train/ (DVCLive), metrics.json,
-per_class.csv and predictions.csv. Writes the two reports plus confusion.png and
-learning_curves.png beside them; the Markdown links the pictures, the HTML embeds them, so that
-report.html is one self-contained file to send or archive.
+Reads params.yaml (shown whole), data/prepared (meta.json and the test images), the model and,
+under --reports, download.json, augment.json, augment_preview.png, train/ (DVCLive), metrics.json,
+per_class.csv, predictions.csv, compression.csv and compression.json. The headline metrics are
+set beside the champion's (--champion, when there is one) and the last commit's
+reports/metrics.json (when git has one). Writes the two reports plus the pictures beside them
+(confusion.png, learning_curves.png, misclassified.png, explained_classes.png,
+explained_mistakes.png); the Markdown links the pictures, the HTML embeds them and its one
+inline script (sorting the per-class table), so that report.html is one self-contained file.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # before anything imports pyplot: the stage draws files, never windows
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from ruamel.yaml import YAML
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
+from stages.datasets import load_split
 from stages.errors import StageError, run_stage
+from stages.explain import explanation_grid_png, grad_cam
 from stages.hardware import cpu_model_name
-from stages.models import load_checkpoint
+from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path
 from stages.params import Params, load_params
 
@@ -48,6 +54,10 @@ LIBRARIES = ("torch", "torchvision", "numpy", "scikit-learn", "dvc", "dvclive")
 HISTORY = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
 # Past this many classes the counts no longer fit in the confusion matrix's cells.
 MAX_CLASSES_WITH_COUNTS = 30
+COMPRESSION_COLUMNS = ["variant", "format", "precision", "backend", "size_bytes", "sparsity", "accuracy",
+                       "latency_ms", "images_per_second", "size_ratio", "speedup", "accuracy_change"]
+RIGHT, WRONG = "#1a7f37", "#cf222e"  # caption colours of right and wrong predictions
+MISCLASSIFIED_PER_ROW = 8
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,16 @@ class Code:
     text: str
 
 
+@dataclass(frozen=True)
+class Sortable:
+    """A table the HTML report sorts by the column clicked; the Markdown shows it as it is."""
+
+    table: pd.DataFrame
+
+
 # A section's blocks: a paragraph (str), a table, a picture or a code listing; each renderer
 # below knows how to write each kind, so both reports say the same thing.
-Block = str | pd.DataFrame | Picture | Code
+Block = str | pd.DataFrame | Sortable | Picture | Code
 
 
 @dataclass(frozen=True)
@@ -76,28 +93,51 @@ class Section:
 def main() -> None:
     args = parse_args()
     params = load_params()
+    settings = params.report
     inputs = locate_inputs(Path(args.prepared), Path(args.model), Path(args.reports))
 
     meta = read_json(inputs["meta"])
     download = read_json(inputs["download"])
     augment = read_json(inputs["augment"])
-    _, trained = load_checkpoint(inputs["model"])  # the model's description: architecture, params, ...
+    model, trained = load_checkpoint(inputs["model"])  # and its description: architecture, params, ...
     train_summary = read_json(inputs["train_summary"])
     metrics = read_json(inputs["metrics"])
     per_class = read_csv(inputs["per_class"], ["class", "precision", "recall", "f1", "support"], "evaluate")
     predictions = read_csv(inputs["predictions"], ["image", "actual", "predicted", "confidence"], "evaluate")
     history = read_history(inputs["history"])
+    compression = read_csv(inputs["compression"], COMPRESSION_COLUMNS, "compress")
+    compression_summary = read_json(inputs["compression_summary"])
+    test_images = load_split(args.prepared, "test").images  # (N, H, W, 3) uint8, memory-mapped
+    check_predictions_match(predictions, len(test_images), inputs["predictions"])
+    earlier = earlier_metrics(Path(args.champion), inputs["metrics"])
 
     reports = Path(args.reports)
-    confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, meta["classes"]))
+    classes = meta["classes"]
+    confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, classes))
     curves = Picture("Learning curves", reports / "learning_curves.png", learning_curves_png(history))
     preview = Picture("Augmented training samples", inputs["preview"], inputs["preview"].read_bytes())
+    mistakes = most_confident_mistakes(predictions)
+    grid = Picture("Misclassified test images, most confident first: actual → predicted, confidence",
+                   reports / "misclassified.png",
+                   misclassified_png(test_images, mistakes.head(settings.misclassified_grid)))
+    by_class = Picture("Grad-CAM for the predicted class: the first test images of each class",
+                       reports / "explained_classes.png",
+                       explanations_png(model, test_images, first_of_each_class(predictions, classes,
+                                                                                settings.explained_per_class),
+                                        classes, pairs_per_row=settings.explained_per_class))
+    confident_wrong = Picture("Grad-CAM for the predicted class: the most confident mistakes",
+                              reports / "explained_mistakes.png",
+                              explanations_png(model, test_images, mistakes.head(settings.explained_mistakes),
+                                               classes, pairs_per_row=4))
 
     title = f"{trained['architecture']} on {Path(meta['source']).name}"
     sections = [
-        headline_section(metrics, trained, train_summary),
+        headline_section(metrics, trained, train_summary, earlier),
         per_class_section(per_class),
         confusion_section(confusion, predictions),
+        mistakes_section(grid, mistakes, settings.misclassified_grid),
+        explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes),
+        compression_section(compression, compression_summary),
         learning_curves_section(curves, train_summary),
         data_section(meta, download, augment, preview),
         params_section(params, trained["params"]),
@@ -107,8 +147,8 @@ def main() -> None:
 
     # Everything is drawn and rendered before the first write, so a failure leaves no new file.
     markdown_path, html_path = Path(args.markdown), Path(args.html)
-    write_output(confusion.path, confusion.png)
-    write_output(curves.path, curves.png)
+    for picture in (confusion, curves, grid, by_class, confident_wrong):
+        write_output(picture.path, picture.png)
     write_output(markdown_path, render_markdown(title, sections, markdown_path.parent).encode())
     write_output(html_path, render_html(title, sections).encode())
     log.info("wrote %s and %s: test accuracy %.2f%%", markdown_path, html_path, 100 * metrics["accuracy"])
@@ -119,6 +159,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prepared", default="data/prepared", help="the prepared data set (from download)")
     parser.add_argument("--model", default="models/model.pt", help="the trained model (from train)")
     parser.add_argument("--reports", default="reports", help="the folder earlier stages wrote their reports to")
+    parser.add_argument("--champion", default="models/champion/metrics.json",
+                        help="the champion's metrics to compare with, when there is a champion (see flows/champion.py)")
     parser.add_argument("--markdown", default="reports/report.md", help="the Markdown report to write")
     parser.add_argument("--html", default="reports/report.html", help="the self-contained HTML report to write")
     return parser.parse_args()
@@ -140,6 +182,9 @@ def locate_inputs(prepared: Path, model: Path, reports: Path) -> dict[str, Path]
         "metrics": (reports / "metrics.json", "evaluate"),
         "per_class": (reports / "per_class.csv", "evaluate"),
         "predictions": (reports / "predictions.csv", "evaluate"),
+        "test_images": (prepared / "test_images.npy", "download"),
+        "compression": (reports / "compression.csv", "compress"),
+        "compression_summary": (reports / "compression.json", "compress"),
     }
     # The test curves are optional (train.test_each_epoch); these three are logged every epoch.
     for name in ("train/loss", "train/accuracy", "lr"):
@@ -180,6 +225,48 @@ def read_history(folder: Path) -> dict[str, pd.Series]:
             # DVCLive counts steps from 0, one step per epoch; its value column is the file's stem.
             history[name] = table.set_index(table["step"] + 1)[path.stem].rename_axis("epoch")
     return history
+
+
+def check_predictions_match(predictions: pd.DataFrame, test_count: int, path: Path) -> None:
+    """predictions.csv must hold one row per image of the prepared test split, in its order."""
+    if list(predictions["image"]) != [str(index) for index in range(test_count)]:
+        raise StageError(f"{path} does not hold one row per test image of the prepared data ({test_count} "
+                         "images); run stage evaluate again")
+
+
+def earlier_metrics(champion: Path, metrics_path: Path) -> dict[str, dict]:
+    """The metrics to set this run's beside, by name: the champion's and the last commit's, where there are any."""
+    earlier = {}
+    if champion.is_file():
+        earlier["champion"] = read_json(champion)
+    committed = committed_json(metrics_path)
+    if committed is not None:
+        earlier["last commit"] = committed
+    return earlier
+
+
+def committed_json(path: Path) -> dict | None:
+    """The JSON file as git's HEAD holds it; None outside git, before a first commit or when HEAD lacks it."""
+    try:
+        shown = subprocess.run(["git", "show", f"HEAD:./{os.path.relpath(path)}"], capture_output=True, text=True)
+    except OSError:
+        return None
+    if shown.returncode != 0:
+        return None
+    try:
+        return json.loads(shown.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def most_confident_mistakes(predictions: pd.DataFrame) -> pd.DataFrame:
+    mistakes = predictions[predictions["actual"] != predictions["predicted"]]
+    return mistakes.sort_values("confidence", ascending=False, kind="stable")
+
+
+def first_of_each_class(predictions: pd.DataFrame, classes: list[str], count: int) -> pd.DataFrame:
+    """The first `count` test images of each class, class by class, right or wrong."""
+    return pd.concat([predictions[predictions["actual"] == name].head(count) for name in classes])
 
 
 # --- pictures ------------------------------------------------------------------------------
@@ -225,6 +312,38 @@ def learning_curves_png(history: dict[str, pd.Series]) -> bytes:
     return png_bytes(figure)
 
 
+def caption(row) -> tuple[str, str]:
+    """What a picture of one prediction says above it, and in which colour."""
+    if row.actual == row.predicted:
+        return f"{row.actual} {row.confidence:.0%}", RIGHT
+    return f"{row.actual} → {row.predicted} {row.confidence:.0%}", WRONG
+
+
+def misclassified_png(images: np.ndarray, mistakes: pd.DataFrame) -> bytes:
+    """The mistakes' test images in a grid, each captioned actual → predicted and the confidence."""
+    rows = max(1, -(-len(mistakes) // MISCLASSIFIED_PER_ROW))
+    figure = Figure(figsize=(1.6 * MISCLASSIFIED_PER_ROW, 1.75 * rows), layout="constrained")
+    axes = np.array(figure.subplots(rows, MISCLASSIFIED_PER_ROW, squeeze=False))
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for axis, row in zip(axes.flat, mistakes.itertuples()):
+        text, colour = caption(row)
+        axis.imshow(images[int(row.image)])
+        axis.set_title(text, fontsize=7, color=colour)
+    return png_bytes(figure)
+
+
+def explanations_png(model: Classifier, images: np.ndarray, chosen: pd.DataFrame, classes: list[str],
+                     pairs_per_row: int) -> bytes:
+    """Each chosen test image beside its Grad-CAM heat map for the class the model predicted."""
+    pictures = np.stack([images[int(index)] for index in chosen["image"]]) if len(chosen) else np.empty((0,))
+    heat_maps = grad_cam(model, pictures, [classes.index(name) for name in chosen["predicted"]]) if len(chosen) else []
+    captions, colours = zip(*(caption(row) for row in chosen.itertuples())) if len(chosen) else ((), ())
+    # One class per row when a few images per class are asked for, rows of four otherwise.
+    return explanation_grid_png(pictures, heat_maps, captions, colours,
+                                pairs_per_row=pairs_per_row if 2 <= pairs_per_row <= 6 else 4)
+
+
 def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     # No "Software" tag: the bytes then depend on the data and not on matplotlib's version.
@@ -235,26 +354,32 @@ def png_bytes(figure: Figure) -> bytes:
 # --- sections ------------------------------------------------------------------------------
 
 
-def headline_section(metrics: dict, trained: dict, train_summary: dict) -> Section:
+def headline_section(metrics: dict, trained: dict, train_summary: dict, earlier: dict[str, dict]) -> Section:
     tta = "no test-time augmentation" if metrics["tta"] == "none" else f"test-time augmentation: {metrics['tta']}"
     scores = {
-        "accuracy": metrics["accuracy"],
-        "macro precision": metrics["precision_macro"],
-        "macro recall": metrics["recall_macro"],
-        "macro F1": metrics["f1_macro"],
-        "weighted F1": metrics["f1_weighted"],
+        "accuracy": "accuracy",
+        "macro precision": "precision_macro",
+        "macro recall": "recall_macro",
+        "macro F1": "f1_macro",
+        "weighted F1": "f1_weighted",
     }
-    table = pd.DataFrame({"metric": list(scores), "value": [f"{score:.2%}" for score in scores.values()]})
+    table = pd.DataFrame({"metric": list(scores), "this run": [f"{metrics[key]:.2%}" for key in scores.values()]})
+    for name, other in earlier.items():
+        table[name] = [f"{other[key]:.2%}" if key in other else "–" for key in scores.values()]
+        table[f"vs {name}"] = [f"{100 * (metrics[key] - other[key]):+.2f} pp" if key in other else "–"
+                               for key in scores.values()]
     epochs = trained["params"]["train"]["epochs"]
     summary = (f"{metrics['test_images']} test images, {tta}. Model {trained['architecture']}, trained "
                f"{epochs} epochs on {train_summary['train_images']} images.")
-    return Section("Headline", [summary, table])
+    compared = (f"Compared with the {' and the '.join(earlier)} (pp: percentage points)." if earlier else
+                "No champion and no committed reports/metrics.json to compare with yet.")
+    return Section("Headline", [summary, table, compared])
 
 
 def per_class_section(per_class: pd.DataFrame) -> Section:
     table = per_class.sort_values("f1", kind="stable")[["class", "precision", "recall", "f1", "support"]]
     table[["precision", "recall", "f1"]] = table[["precision", "recall", "f1"]].map("{:.1%}".format)
-    return Section("Per class, weakest first", [table])
+    return Section("Per class, weakest first", [Sortable(table)])
 
 
 def confusion_section(picture: Picture, predictions: pd.DataFrame) -> Section:
@@ -264,6 +389,53 @@ def confusion_section(picture: Picture, predictions: pd.DataFrame) -> Section:
     if len(top):
         blocks += ["The most frequent mistakes:", top]
     return Section("Confusion matrix", blocks)
+
+
+def mistakes_section(picture: Picture, mistakes: pd.DataFrame, shown: int) -> Section:
+    if mistakes.empty:
+        return Section("Misclassified examples", ["No test image is misclassified."])
+    return Section("Misclassified examples", [
+        f"{min(shown, len(mistakes))} of the {len(mistakes)} misclassified test images, the most confident first.",
+        picture,
+    ])
+
+
+def explanations_section(by_class: Picture, mistakes: Picture, per_class: int, mistake_count: int) -> Section:
+    blocks: list[Block] = [
+        "Grad-CAM (Captum's LayerGradCam on the last convolution): red is where the evidence for the predicted "
+        "class is strongest. Captions: the actual class, → the predicted one when it differs, the confidence.",
+    ]
+    if per_class:
+        blocks.append(by_class)
+    if mistake_count:
+        blocks.append(mistakes)
+    return Section("Explanations", blocks)
+
+
+def compression_section(compression: pd.DataFrame, summary: dict) -> Section:
+    table = pd.DataFrame({
+        "variant": compression["variant"],
+        "format": compression["format"],
+        "precision": compression["precision"],
+        "backend": compression["backend"],
+        "file size": compression["size_bytes"].map(file_size),
+        "vs fp32": compression["size_ratio"].map("{:.0%}".format),
+        "zero weights": compression["sparsity"].map("{:.0%}".format),
+        "accuracy": compression["accuracy"].map("{:.2%}".format),
+        "accuracy change": (100 * compression["accuracy_change"]).map("{:+.2f} pp".format),
+        "latency, batch 1": compression["latency_ms"].map("{:.3f} ms".format),
+        "speedup": compression["speedup"].map("{:.2f}×".format),
+        "images/s": compression["images_per_second"].map("{:.0f}".format),
+    })
+    how = (f"Measured by stage compress on {summary['cpu']} with {summary['threads']} thread(s): latency is the "
+           f"median of {summary['latency_repeats']} single-image runs, images/s the throughput over the test split "
+           f"at batch {summary['batch_size']}, accuracy without test-time augmentation. The int8 backend is the "
+           f"one this machine's torch offered ({summary['int8_backend']}): timings compare only within one machine.")
+    return Section("Compressed variants", [table, how])
+
+
+def file_size(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
 
 
 def learning_curves_section(picture: Picture, train_summary: dict) -> Section:
@@ -387,6 +559,8 @@ def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
 
 
 def markdown_block(block: Block, folder: Path) -> str:
+    if isinstance(block, Sortable):
+        block = block.table
     if isinstance(block, pd.DataFrame):
         return block.to_markdown(index=False)
     if isinstance(block, Picture):
@@ -410,21 +584,49 @@ img { max-width: 100%; height: auto; }
 figure { margin: 1rem 0; }
 figcaption { color: #666; font-size: .9rem; }
 pre { background: #f6f8fa; padding: .8rem 1rem; border-radius: 4px; overflow-x: auto; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th::after { content: " \\2195"; color: #aaa; }
+table.sortable th[data-order="ascending"]::after { content: " \\2191"; color: #222; }
+table.sortable th[data-order="descending"]::after { content: " \\2193"; color: #222; }
+"""
+
+# Sorts a table.sortable by the column whose header is clicked, numbers as numbers ("91.2%" too),
+# again to reverse. Inline, like the style, so the report stays one file.
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach((table) => {
+  const headers = Array.from(table.tHead.rows[0].cells);
+  headers.forEach((header, column) => header.addEventListener("click", () => {
+    const rows = Array.from(table.tBodies[0].rows);
+    const text = (row) => row.cells[column].textContent.trim();
+    const numeric = rows.every((row) => !Number.isNaN(parseFloat(text(row))));
+    const ascending = header.dataset.order !== "ascending";
+    rows.sort((a, b) => {
+      const order = numeric ? parseFloat(text(a)) - parseFloat(text(b)) : text(a).localeCompare(text(b));
+      return ascending ? order : -order;
+    });
+    headers.forEach((other) => delete other.dataset.order);
+    header.dataset.order = ascending ? "ascending" : "descending";
+    table.tBodies[0].append(...rows);
+  }));
+});
 """
 
 
 def render_html(title: str, sections: list[Section]) -> str:
-    """The report as one HTML file: pictures embedded as data URIs, style inline, no scripts."""
+    """The report as one HTML file: pictures embedded as data URIs, style and script inline."""
     body = [f"<h1>Report: {html.escape(title)}</h1>"]
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         body += [html_block(block) for block in section.blocks]
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>Report: {html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+            + "\n".join(body) + f"\n<script>{SORT_SCRIPT}</script>\n</body>\n</html>\n")
 
 
 def html_block(block: Block) -> str:
+    if isinstance(block, Sortable):
+        hint = "<p class=\"hint\">Click a column's name to sort by it.</p>"
+        return hint + block.table.to_html(index=False, border=0, escape=True, classes="sortable")
     if isinstance(block, pd.DataFrame):
         return block.to_html(index=False, border=0, escape=True)
     if isinstance(block, Picture):

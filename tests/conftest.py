@@ -36,6 +36,8 @@ TINY_PARAMS = {
     "train.device": "cpu",
     "train.threads": 1,
     "evaluate.batch_size": 5,
+    "compress.batch_size": 8,
+    "compress.latency_repeats": 3,
 }
 AUGMENTED_PARAMS = {**TINY_PARAMS, "augment.copies": 2, "augment.policy": "trivialaugment"}  # augmented_project's
 # Tiny tensors gain nothing from a second thread, and OpenMP threads that spin-wait for each
@@ -118,6 +120,13 @@ class Project:
         return self.run(
             "stages.evaluate", "models/model.pt", "data/prepared", "--metrics", "reports/metrics.json",
             "--per-class", "reports/per_class.csv", "--predictions", "reports/predictions.csv", env=ONE_THREAD,
+        )
+
+    def compress(self):
+        """The compress stage with dvc.yaml's command line, run in the project."""
+        return self.run(
+            "stages.compress", "models/model.pt", "data/prepared", "--out", "models/compressed",
+            "--table", "reports/compression.csv", "--metrics", "reports/compression.json", env=ONE_THREAD,
         )
 
     def copy(self, root: Path, *paths: str) -> Project:

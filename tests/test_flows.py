@@ -36,6 +36,7 @@ TINY_PARAMS = {
     "augment": {"preview_images": 4},
     "train": {"widths": [8, 16, 16], "epochs": 2, "batch_size": 16, "lr": 0.05, "threads": 1},
     "evaluate": {"batch_size": 64},
+    "compress": {"batch_size": 64, "latency_repeats": 3},
 }
 
 

@@ -19,6 +19,9 @@ REFUSED = [
     pytest.param("train.optimizer", "adamw", ["'sgd', 'adam', 'rmsprop' or 'muon'", "'adamw'"], id="optimizer"),
     pytest.param("train.loss", "hinge", ["'cross_entropy' or 'mse'", "'hinge'"], id="loss"),
     pytest.param("augment.policy", "cutmix", ["'trivialaugment'", "'augmix'", "'cutmix'"], id="augment-policy"),
+    pytest.param("compress.int8_backend", "avx512", ["'auto', 'x86', 'fbgemm', 'onednn' or 'qnnpack'", "'avx512'"],
+                 id="int8-backend"),
+    pytest.param("compress.prune_amount", 1.0, ["less than 1"], id="prune-everything"),
 ]
 
 

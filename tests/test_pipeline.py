@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 from datamaker import make_image_folder, make_tar_gz
 
 PROJECT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "augment", "train", "evaluate", "report")
+STAGES = ("download", "augment", "train", "evaluate", "compress", "report")
 
 # Small enough to run every stage in seconds on 2 cores, big enough to exercise everything.
 TINY_PARAMS = {
@@ -29,6 +29,7 @@ TINY_PARAMS = {
     "augment": {"preview_images": 4},
     "train": {"widths": [8, 16, 16], "epochs": 2, "batch_size": 16, "lr": 0.05},
     "evaluate": {"batch_size": 64},
+    "compress": {"batch_size": 64, "latency_repeats": 3},
 }
 
 
@@ -103,10 +104,13 @@ def test_repro_writes_metrics_tables_plots_and_both_reports(repo: Path):
     for key in ("train_seconds", "images_per_second", "device", "precision"):
         assert key in train_metrics
     assert len((repo / "reports/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()) == 1 + 2
-    for report in ("report.md", "report.html", "augment_preview.png", "confusion.png", "learning_curves.png"):
+    for report in ("report.md", "report.html", "augment_preview.png", "confusion.png", "learning_curves.png",
+                   "misclassified.png", "explained_classes.png", "explained_mistakes.png"):
         assert (repo / "reports" / report).stat().st_size > 0
+    compression = list(csv.DictReader((repo / "reports/compression.csv").open()))
+    assert [row["variant"] for row in compression] == ["fp32", "int8", "pruned", "bf16", "exported"]
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
-    assert "train_seconds" in shown and "f1_macro" in shown
+    assert "train_seconds" in shown and "f1_macro" in shown and "int8_backend" in shown
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "predictions.csv" in plots and "accuracy.tsv" in plots
 
@@ -122,13 +126,13 @@ def test_second_repro_does_nothing(repo: Path):
 
 def test_exp_run_with_another_optimizer_reruns_train_onwards_only(repo: Path):
     result = run(["dvc", "exp", "run", "-n", "adam", "-S", "train.optimizer=adam", "-S", "train.lr=0.003"], repo)
-    assert stages_run(result.stdout) == ["train", "evaluate", "report"]
+    assert stages_run(result.stdout) == ["train", "evaluate", "compress", "report"]
     reset_workspace(repo)
 
 
 def test_exp_run_with_augmented_copies_reruns_augment_onwards_only(repo: Path):
     result = run(["dvc", "exp", "run", "-n", "copies", "-S", "augment.copies=1", "-S", "augment.policy=trivialaugment"], repo)
-    assert stages_run(result.stdout) == ["augment", "train", "evaluate", "report"]
+    assert stages_run(result.stdout) == ["augment", "train", "evaluate", "compress", "report"]
     reset_workspace(repo)
 
 
@@ -147,6 +151,7 @@ def test_exp_show_compares_the_experiments(repo: Path):
     adam = experiments["adam"]["data"]
     assert adam["params"]["params.yaml"]["data"]["train"]["optimizer"] == "adam"
     assert "accuracy" in adam["metrics"]["reports/metrics.json"]["data"]
+    assert "accuracy" in adam["metrics"]["reports/compression.json"]["data"]["int8"]
     # The recipe that ran, preset resolved, is a column too.
     recipe = adam["metrics"]["reports/train/recipe.json"]["data"]
     assert (recipe["preset"], recipe["optimizer"], recipe["epochs"]) == ("default", "adam", 2)

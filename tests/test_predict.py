@@ -80,3 +80,20 @@ def test_without_any_model_it_says_how_to_get_one(tmp_path, photos):
     assert result.returncode == 1
     assert "no model found: run `dvc repro` first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_explain_writes_the_image_beside_its_heat_map_for_each_classified_file(trained_project, photos, tmp_path):
+    out = tmp_path / "explained"
+    second_gray = tmp_path / "elsewhere" / "gray.png"  # the same stem as gray.jpg: named apart
+    second_gray.parent.mkdir()
+    shutil.copy(photos / "rgba.png", second_gray)
+
+    result = predict(trained_project, str(photos), str(second_gray), "--explain", str(out))
+
+    assert result.returncode == 1  # broken.jpg
+    assert sorted(path.name for path in out.iterdir()) == ["gray-2.png", "gray.png", "large.png", "rgba.png"]
+    for path in out.iterdir():
+        with Image.open(path) as overlay:
+            assert overlay.format == "PNG" and overlay.width > 2 * overlay.height * 0.8  # two squares side by side
+    assert "wrote 4 explanation(s)" in result.stderr
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -15,6 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 from ruamel.yaml import YAML
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from stages.datasets import checksum_arrays
@@ -25,7 +29,10 @@ from stages.report import git_state, learning_curves_png, params_drift, read_his
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "cat", "fish & chips"]  # the "&" checks that names are escaped in HTML
 IMAGE_SIZE = 16  # the smallest lenet takes
-OUTPUTS = ("report.md", "report.html", "confusion.png", "learning_curves.png")
+PICTURES = ("confusion.png", "learning_curves.png", "misclassified.png", "explained_classes.png",
+            "explained_mistakes.png")
+OUTPUTS = ("report.md", "report.html", *PICTURES)
+CHAMPION_ACCURACY = 0.8  # this run's is 25/30
 
 
 # --- the earlier stages' outputs, written by hand in their documented formats ---------------
@@ -113,6 +120,21 @@ def write_evaluation(reports: Path) -> None:
     }))
 
 
+def write_compression(reports: Path) -> None:
+    """compress's table and metrics for an fp32 reference and an int8 variant."""
+    pd.DataFrame({
+        "variant": ["fp32", "int8"], "file": ["models/model.pt", "models/compressed/int8.torchscript.pt"],
+        "format": ["checkpoint", "TorchScript"], "precision": ["fp32", "int8"], "backend": ["eager", "x86"],
+        "size_bytes": [2_400_000, 640_000], "sparsity": [0.0, 0.0], "accuracy": [0.8, 0.7667],
+        "latency_ms": [4.0, 1.0], "images_per_second": [900.0, 3600.0], "batch_size": [256, 256], "threads": [1, 1],
+        "size_ratio": [1.0, 0.2667], "speedup": [1.0, 4.0], "accuracy_change": [0.0, -0.0333],
+    }).to_csv(reports / "compression.csv", index=False)
+    (reports / "compression.json").write_text(json.dumps({
+        "cpu": "Tiny CPU 3000", "threads": 1, "int8_backend": "x86", "batch_size": 256, "latency_repeats": 50,
+        "fp32": {"accuracy": 0.8}, "int8": {"accuracy": 0.7667},
+    }))
+
+
 def make_project(root: Path) -> Path:
     rng = np.random.default_rng(0)
     params = write_params(root)
@@ -120,12 +142,14 @@ def make_project(root: Path) -> Path:
     write_upstream_reports(root / "reports", rng)
     write_training(root / "models" / "model.pt", root / "reports" / "train", params)
     write_evaluation(root / "reports")
+    write_compression(root / "reports")
     return root
 
 
 def run_report(project: Path, **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "stages.report", "--prepared", "data/prepared", "--model", "models/model.pt",
-               "--reports", "reports", "--markdown", "reports/report.md", "--html", "reports/report.html"]
+               "--reports", "reports", "--champion", "models/champion/metrics.json", "--markdown", "reports/report.md",
+               "--html", "reports/report.html"]
     environment = {**os.environ, "PYTHONPATH": str(PROJECT), "GIT_CEILING_DIRECTORIES": str(project.parent), **env}
     return subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=120)
 
@@ -137,13 +161,19 @@ def git(project: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory) -> Path:
-    """A project committed to git, with one tracked file changed since, reported inside a DVC experiment."""
+    """A project committed to git with an earlier run's metrics, one tracked file changed since, and a champion;
+    reported inside a DVC experiment."""
     project = make_project(tmp_path_factory.mktemp("project"))
+    metrics = project / "reports" / "metrics.json"
+    this_run = metrics.read_text()
+    metrics.write_text(json.dumps({**json.loads(this_run), "accuracy": 0.9}))  # the last commit's run
     (project / "notes.txt").write_text("first\n")
     git(project, "init", "-q")
-    git(project, "add", "params.yaml", "notes.txt")
+    git(project, "add", "params.yaml", "notes.txt", "reports/metrics.json")
     git(project, "commit", "-q", "-m", "tiny project")
-    (project / "notes.txt").write_text("changed\n")
+    metrics.write_text(this_run)
+    (project / "models" / "champion").mkdir()
+    (project / "models" / "champion" / "metrics.json").write_text(json.dumps({"accuracy": CHAMPION_ACCURACY}))
     result = run_report(project, DVC_EXP_NAME="tiny-exp")
     assert result.returncode == 0, result.stderr
     return project
@@ -155,7 +185,7 @@ def reported(tmp_path_factory) -> Path:
 def test_both_reports_and_both_pictures_are_written(reported: Path):
     for name in OUTPUTS:
         assert (reported / "reports" / name).stat().st_size > 0, name
-    for name in ("confusion.png", "learning_curves.png"):
+    for name in PICTURES:
         assert (reported / "reports" / name).read_bytes().startswith(b"\x89PNG")
 
 
@@ -163,9 +193,10 @@ def test_html_is_self_contained_with_every_picture_embedded(reported: Path):
     page = (reported / "reports" / "report.html").read_text()
     targets = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.IGNORECASE)
     images = re.findall(r"<img\b[^>]*>", page, flags=re.IGNORECASE)
-    assert len(images) == 3  # confusion matrix, learning curves, augmentation preview
+    assert len(images) == len(PICTURES) + 1  # and the augmentation preview
     assert targets and all(target.startswith("data:image/png;base64,") for target in targets)
-    assert "<script" not in page.lower() and "<link" not in page.lower() and "url(" not in page
+    assert re.findall(r"<script\b[^>]*>", page, flags=re.IGNORECASE) == ["<script>"]  # inline, nothing fetched
+    assert "<link" not in page.lower() and "url(" not in page
 
 
 def test_html_names_every_class_escaped_and_the_accuracy(reported: Path):
@@ -201,6 +232,100 @@ def test_reports_show_params_and_provenance(reported: Path):
     assert "Warning" not in markdown  # the checkpoint was trained with these very params
 
 
+def test_headline_metrics_are_set_beside_the_champion_and_the_last_commit(reported: Path):
+    markdown = (reported / "reports" / "report.md").read_text()
+    headline = markdown.split("## Headline")[1].split("\n## ")[0]
+    accuracy = next(line for line in headline.splitlines() if line.startswith("| accuracy"))
+
+    assert [cell.strip() for cell in accuracy.split("|")[1:-1]] == [
+        "accuracy", "83.33%", "80.00%", "+3.33 pp", "90.00%", "-6.67 pp"]
+    header = next(line for line in headline.splitlines() if line.startswith("| metric"))
+    assert [cell.strip() for cell in header.split("|")[1:-1]] == [
+        "metric", "this run", "champion", "vs champion", "last commit", "vs last commit"]
+    macro_f1 = next(line for line in headline.splitlines() if line.startswith("| macro F1"))
+    assert macro_f1.split("|")[3].strip() == "–"  # the champion's file has no macro F1
+
+
+def test_mistakes_are_shown_most_confident_first_and_explained(reported: Path):
+    markdown = (reported / "reports" / "report.md").read_text()
+
+    assert "5 of the 5 misclassified test images, the most confident first." in markdown
+    assert "](misclassified.png)" in markdown
+    explanations = markdown.split("## Explanations")[1].split("\n## ")[0]
+    assert "Grad-CAM" in explanations
+    assert "](explained_classes.png)" in explanations and "](explained_mistakes.png)" in explanations
+
+
+def test_the_compression_table_names_the_backend_and_the_machine(reported: Path):
+    markdown = (reported / "reports" / "report.md").read_text()
+    section = markdown.split("## Compressed variants")[1].split("\n## ")[0]
+    int8 = next(line for line in section.splitlines() if line.startswith("| int8"))
+
+    assert [cell.strip() for cell in int8.split("|")[1:-1]] == [
+        "int8", "TorchScript", "int8", "x86", "0.64 MB", "27%", "0%", "76.67%", "-3.33 pp", "1.000 ms", "4.00×",
+        "3600"]
+    assert "Tiny CPU 3000 with 1 thread(s)" in section and "median of 50 single-image runs" in section
+
+
+# --- in a real browser ----------------------------------------------------------------------
+
+# Debian's packages (`apt-get install chromium chromium-driver`), which .ci/run installs.
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Headless, and as root (CI) without the sandbox; no background connections, which a closed
+# network refuses by the dozen.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium driven through chromedriver (selenium), keeping the page's console log."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (.ci/run installs them)")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def full_page_screenshot(driver, path: Path) -> None:
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                             "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def test_the_html_report_shows_every_picture_and_runs_its_script_without_error(reported: Path, browser, tmp_path):
+    browser.get((reported / "reports" / "report.html").as_uri())
+    pictures = browser.execute_script(
+        "return Array.from(document.images).map((image) => [image.alt, image.complete && image.naturalWidth > 0])")
+    screenshot = tmp_path / "report.png"
+    full_page_screenshot(browser, screenshot)
+    print(f"screenshot of the report: {screenshot}")
+
+    assert len(pictures) == len(PICTURES) + 1
+    assert [alt for alt, shown in pictures if not shown] == []  # no broken image
+    header = browser.find_element(By.XPATH, "//table[contains(@class, 'sortable')]//th[text()='recall']")
+    header.click()
+    header.click()  # the second click sorts descending
+    classes_shown = browser.execute_script(
+        "return Array.from(document.querySelector('table.sortable').tBodies[0].rows)"
+        ".map((row) => row.cells[0].textContent)")
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []  # no script error
+    assert classes_shown == ["airplane", "fish & chips", "cat"]  # recall 100 %, 90 %, 60 %; weakest F1 first before
+    with Image.open(screenshot) as shot:
+        assert shot.width >= 1200 and shot.height > 3000  # the whole page, not the window
+
+
 # --- failures ------------------------------------------------------------------------------
 
 
@@ -208,6 +333,7 @@ def test_missing_inputs_are_named_with_their_stages_and_nothing_is_written(tmp_p
     project = make_project(tmp_path)
     (project / "models" / "model.pt").unlink()
     (project / "reports" / "per_class.csv").unlink()
+    (project / "reports" / "compression.csv").unlink()
     before = sorted(path for path in project.rglob("*"))
 
     result = run_report(project)
@@ -215,8 +341,22 @@ def test_missing_inputs_are_named_with_their_stages_and_nothing_is_written(tmp_p
     assert result.returncode == 1
     assert "models/model.pt (written by stage train)" in result.stderr
     assert "reports/per_class.csv (written by stage evaluate)" in result.stderr
+    assert "reports/compression.csv (written by stage compress)" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(path for path in project.rglob("*")) == before  # no report, no picture, no .part file
+
+
+def test_predictions_of_another_test_split_are_refused(tmp_path: Path):
+    project = make_project(tmp_path)
+    predictions = pd.read_csv(project / "reports" / "predictions.csv")
+    predictions.head(20).to_csv(project / "reports" / "predictions.csv", index=False)
+
+    result = run_report(project)
+
+    assert result.returncode == 1
+    assert ("reports/predictions.csv does not hold one row per test image of the prepared data (30 images); "
+            "run stage evaluate again") in result.stderr
+    assert not (project / "reports" / "report.html").exists()
 
 
 # --- pieces, in process --------------------------------------------------------------------
