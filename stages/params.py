@@ -234,7 +234,7 @@ def read_yaml(path: Path) -> dict:
     except YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must be a mapping of sections (seed, data, augment, train, evaluate, presets)")
+        raise ParamsError(f"{path} must be a mapping of sections (seed, data, augment, train, evaluate, compress, report, presets)")
     return raw
 
 
