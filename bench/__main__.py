@@ -94,7 +94,8 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True,
                         help="image folder or .tar.gz with train/<class>/ and test/<class>/ (e.g. CIFAR-10 as JPEGs)")
-    parser.add_argument("--presets", help="comma-separated; default: every preset in params.yaml's presets: section")
+    parser.add_argument("--presets", help="comma-separated; default: every preset in params.yaml's presets: section "
+                                          "that trains from scratch")
     parser.add_argument("--out", default="reports/bench", help="results, and the cache/ and runs/ scratch folders")
     parser.add_argument("--params", default="params.yaml", help="the project's params the presets start from")
     parser.add_argument("--fresh", action="store_true", help="discard results.csv and the runs, start over")

@@ -53,8 +53,11 @@ def write_params(params: dict, folder: Path) -> Path:
 
 
 def preset_names(params: dict) -> list[str]:
-    """Every preset params.yaml's `presets:` section names, or just `default` before there is one."""
-    return list(params.get("presets") or {}) or [DEFAULT_PRESET]
+    """Every preset params.yaml's `presets:` section names that trains from scratch (or just `default`
+    before there is a section): the benchmark times training, and a preset that starts from
+    downloaded weights (finetune) is neither comparable nor runnable offline; `--presets` still runs it."""
+    presets = params.get("presets") or {}
+    return [name for name, recipe in presets.items() if recipe.get("weights", "random") == "random"] or [DEFAULT_PRESET]
 
 
 def parse_overrides(settings: list[str]) -> dict:

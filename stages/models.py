@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from stages.errors import StageError
 from stages.outputs import atomic_path
+from stages.params import TORCHVISION_MODELS
 
 
 class Normalize(nn.Module):
@@ -129,18 +131,54 @@ class Classifier(nn.Module):
         return self.network(self.normalize(images))
 
 
-def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int],
+# Below this side, torchvision's ImageNet networks lose their stem's downsampling (see below).
+SMALL_IMAGE_SIDE = 64
+
+
+def resnet_for_small_images(network: nn.Module) -> None:
+    # As the CIFAR ResNets (He et al., 2016, section 4.2): the first stage sees the image at full
+    # resolution, so neither the stem's stride nor its max-pool. The 7x7 kernel stays, so that
+    # ImageNet weights load unchanged.
+    network.conv1.stride = (1, 1)
+    network.maxpool = nn.Identity()
+
+
+def mobilenet_for_small_images(network: nn.Module) -> None:
+    # The stem and the first block each halve the image: without both, 32 px ends in 4x4 maps, not 1x1.
+    network.features[0][0].stride = (1, 1)
+    network.features[1].block[0][0].stride = (1, 1)
+
+
+SMALL_IMAGE_ADAPTATIONS = {"resnet18": resnet_for_small_images, "mobilenet_v3_small": mobilenet_for_small_images}
+
+
+def torchvision_network(architecture: str, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's network with a head for `num_classes`; its downsampling cut on images under 64 px."""
+    network = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    if image_size < SMALL_IMAGE_SIDE:
+        SMALL_IMAGE_ADAPTATIONS[architecture](network)
+    return network
+
+
+def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
                 mean: list[float], std: list[float]) -> Classifier:
-    networks = {"lenet": LeNet, "convnet": ConvNet}
-    if architecture not in networks:
+    if architecture in TORCHVISION_MODELS:
+        return Classifier(torchvision_network(architecture, num_classes, image_size), mean, std)
+    if architecture not in ("lenet", "convnet"):
         raise ValueError(f"unknown architecture {architecture!r}")
     # A StageError: data.image_size and train.model are each valid alone, and the stage reports
     # the pair in one line instead of a traceback (from deep in the max-pools for convnet).
-    smallest = networks[architecture].MIN_IMAGE_SIZE
+    smallest = smallest_image_side(architecture)
     if image_size < smallest:
         raise StageError(f"train.model {architecture} needs data.image_size ≥ {smallest} (got {image_size})")
     network = LeNet(num_classes, image_size) if architecture == "lenet" else ConvNet(num_classes, widths)
     return Classifier(network, mean, std)
+
+
+def smallest_image_side(architecture: str) -> int:
+    """The smallest images `architecture` takes; torchvision's, cut for small images and ending in an
+    adaptive pool, take any."""
+    return {"lenet": LeNet.MIN_IMAGE_SIZE, "convnet": ConvNet.MIN_IMAGE_SIZE}.get(architecture, 1)
 
 
 def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:

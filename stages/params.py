@@ -19,7 +19,9 @@ from stages.errors import StageError
 
 PARAMS_FILE = "params.yaml"
 
-MODELS = ("lenet", "convnet")
+TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")  # torchvision's architectures, ImageNet weights published
+MODELS = ("lenet", "convnet", *TORCHVISION_MODELS)
+RANDOM, IMAGENET = "random", "imagenet"  # train.weights: from scratch; torchvision's ImageNet weights for train.model
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "muon")
 FLIPS = ("none", "random", "alternate")
 LOSSES = ("cross_entropy", "mse")
@@ -89,6 +91,8 @@ class Recipe(Section):
     whiten_bias_epochs: int | None = Field(ge=0)  # convnet only; null: trained like every bias
     resize_from: int | None = Field(ge=8)  # progressive resizing: first epoch's image side (null: none)
     resize_epochs: int | None = Field(ge=1)  # epochs over which the side grows back to full size
+    weights: str = Field(min_length=1)  # start from: "random", "imagenet" or a weights file's path
+    freeze_epochs: int = Field(ge=0)  # epochs in which only the head trains
 
 
 class Machine(Section):
@@ -132,11 +136,15 @@ class TrainParams(Recipe, Machine):
                              "or neither")
         if self.optimizer == "muon":
             if self.model != "convnet":
-                raise ValueError(f"train.optimizer muon trains convnet's conv filters; {self.model} has none to give it "
+                # Its filter renormalisation and learning rates are airbench's, made for convnet.
+                raise ValueError(f"train.optimizer muon trains the convnet model only, not {self.model} "
                                  "(use sgd, adam or rmsprop)")
             if self.muon_momentum is None or self.muon_ns_steps is None:
                 raise ValueError("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
                                  "(e.g. 0.6 and 3)")
+        if self.weights == IMAGENET and self.model not in TORCHVISION_MODELS:
+            raise ValueError(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for "
+                             f"{', '.join(TORCHVISION_MODELS)}, not {self.model}; give a weights file's path, or {RANDOM!r}")
         if self.loss == "mse" and self.label_smoothing > 0:
             raise ValueError("train.label_smoothing applies to cross_entropy only; set it to 0 with loss: mse")
         return self

@@ -29,9 +29,10 @@ from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.models import Classifier, ConvNet, build_model, save_checkpoint
+from stages.models import Classifier, ConvNet, build_model, save_checkpoint, smallest_image_side
 from stages.outputs import write_json
-from stages.params import Params, TrainParams, load_params
+from stages.params import RANDOM, Params, TrainParams, load_params
+from stages.pretrained import load_initial_weights
 
 log = logging.getLogger("train")
 
@@ -62,8 +63,10 @@ def main() -> None:
     train_set = load_training_set(Path(args.prepared), Path(args.augmented), compute)
     test_set = to_image_set(load_split(args.prepared, "test"), compute)
     load_seconds = time.perf_counter() - started
-    model = create_model(settings, classes, train_set, compute)
-    smallest = type(model.network).MIN_IMAGE_SIZE
+    model = create_model(settings, classes, train_set)
+    initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
+    model = model.to(compute.device, memory_format=torch.channels_last)
+    smallest = smallest_image_side(settings.model)
     if settings.resize_from is not None and settings.resize_from < smallest:
         raise StageError(f"train.resize_from is {settings.resize_from}, but train.model {settings.model} needs images "
                          f"of side ≥ {smallest}")
@@ -88,6 +91,7 @@ def main() -> None:
     # The recipe that ran, preset resolved, as a metrics file: `dvc exp show` lists what ran.
     write_json(Path(args.live) / "recipe.json", settings.model_dump(mode="json"))
     description = describe_run(model, classes, train_set.images.shape[-1], params, compute, summary)
+    description["initial_weights"] = initial_weights  # the file and its sha256: `dvc repro` does not watch it
     save_checkpoint(Path(args.model), model, description)
     log.info("saved %s: %.1f s of training, %.0f images/s", args.model, train_seconds, summary["images_per_second"])
 
@@ -139,7 +143,7 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 # --- model, optimiser, schedule, loss ------------------------------------------------------
 
 
-def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet, compute: Compute) -> Classifier:
+def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet) -> Classifier:
     # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
     # first images can be a few classes only, and the statistics and whitening would be theirs.
     stride = math.ceil(len(train_set.images) / NORMALIZATION_SAMPLE)
@@ -149,16 +153,17 @@ def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet,
     model = build_model(settings.model, len(classes), train_set.images.shape[-1], settings.widths, mean, std)
     if isinstance(model.network, ConvNet):
         model.network.fit_whitening(model.normalize(sample))
-        set_up_batchnorm(model, settings)
         if settings.whiten_bias_epochs == 0:
             model.network.whiten.bias.requires_grad_(False)
-    return model.to(compute.device, memory_format=torch.channels_last)
+    set_up_batchnorm(model, settings)
+    return model
 
 
 def set_up_batchnorm(model: torch.nn.Module, settings: TrainParams) -> None:
     for layer in model.modules():
         if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.momentum = settings.batchnorm_momentum
+            if settings.batchnorm_momentum is not None:  # else the network's own
+                layer.momentum = settings.batchnorm_momentum
             # Frozen at 1, as airbench: BatchNorm only standardises and shifts; the next conv scales.
             layer.weight.requires_grad_(not settings.frozen_batchnorm_scale)
 
@@ -291,7 +296,8 @@ def renormalise_filters(optimizer: torch.optim.Optimizer) -> None:
     weights' scale fixed (BatchNorm makes the net blind to it) so its steps keep their size."""
     for group in optimizer.param_groups:
         for matrix in group["params"]:
-            matrix.mul_(len(matrix) ** 0.5 / matrix.norm())
+            if matrix.requires_grad:  # not while train.freeze_epochs holds the backbone as loaded
+                matrix.mul_(len(matrix) ** 0.5 / matrix.norm())
 
 
 def make_schedules(optimizers: list[torch.optim.Optimizer], settings: TrainParams, steps_per_epoch: int
@@ -341,15 +347,17 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     optimizers = make_optimizers(model, settings)
     schedules = make_schedules(optimizers, settings, steps_per_epoch)
     flips = Flips(settings.flip, len(train_set.labels), generator)
+    backbone = Backbone(model)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
+        backbone.freeze(epoch <= settings.freeze_epochs)
         if isinstance(model.network, ConvNet) and epoch > (settings.whiten_bias_epochs or math.inf):
             # Frozen, not merely at lr 0: the first conv then needs no input gradient (~5 % a step).
             model.network.whiten.bias.requires_grad_(False)
         epoch_lr = optimizers[0].param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
-        loss, accuracy = train_one_epoch(model, train_set, settings, compute, generator, optimizers, schedules,
-                                         loss_of, flips, epoch)
+        loss, accuracy = train_one_epoch(model, backbone, train_set, settings, compute, generator, optimizers,
+                                         schedules, loss_of, flips, epoch)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
@@ -366,9 +374,10 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     return train_seconds
 
 
-def train_one_epoch(model, train_set: ImageSet, settings: TrainParams, compute: Compute, generator, optimizers,
-                    schedules, loss_of, flips: Flips, epoch: int) -> tuple[float, float]:
+def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: TrainParams, compute: Compute, generator,
+                    optimizers, schedules, loss_of, flips: Flips, epoch: int) -> tuple[float, float]:
     model.train()
+    backbone.hold_statistics_if_frozen()
     side = image_side(settings, epoch, train_set.images.shape[-1])
     total_loss = torch.zeros((), device=compute.device)
     total_correct = torch.zeros((), device=compute.device)
@@ -393,6 +402,29 @@ def train_one_epoch(model, train_set: ImageSet, settings: TrainParams, compute: 
         total_correct += (logits.argmax(dim=1) == labels).sum()
     count = len(train_set.labels)
     return total_loss.item() / count, total_correct.item() / count
+
+
+class Backbone:
+    """Every trainable parameter but the head's. `train.freeze_epochs` holds it as loaded, BatchNorm's
+    running statistics included, while a new head learns on its features: fine-tuning's usual first step,
+    so that the head's first, large, random gradients do not reach the pretrained layers."""
+
+    def __init__(self, model: torch.nn.Module):
+        head = {id(parameter) for parameter in last_linear(model).parameters()}
+        self.parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+        self.batchnorms = [layer for layer in model.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
+        self.frozen = False
+
+    def freeze(self, frozen: bool) -> None:
+        # No gradient, so no optimiser step either (they skip parameters without one).
+        for parameter in self.parameters:
+            parameter.requires_grad_(not frozen)
+        self.frozen = frozen
+
+    def hold_statistics_if_frozen(self) -> None:
+        if self.frozen:
+            for layer in self.batchnorms:
+                layer.eval()
 
 
 def image_side(settings: TrainParams, epoch: int, full_side: int) -> int:

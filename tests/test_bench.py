@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.pipeline import preset_names, read_params
 from conftest import ONE_THREAD, TINY_CLASSES, stage_environment
 from datamaker import PROJECT_ROOT, make_image_folder, make_tar_gz
 
@@ -105,3 +106,10 @@ def test_rows_of_another_cpu_are_refused_and_kept(benchmarked, tmp_path):
     assert "Some Other CPU" in result.stderr and "--fresh" in result.stderr
     assert pd.read_csv(other / "results.csv")["cpu_model"].eq("Some Other CPU").all()
     assert not (other / "runs").exists()  # refused before any work
+
+
+def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
+    names = preset_names(read_params(PROJECT_ROOT / "params.yaml"))
+
+    assert {"lenet", "fast", "default", "accurate", "airbench94"} <= set(names)
+    assert "finetune" not in names  # starts from downloaded weights: not a training-time peer, nor offline
