@@ -15,7 +15,7 @@ REFUSED = [
     pytest.param("train.lr", 0, ["greater than 0"], id="lr-zero"),
     pytest.param("train.lr", -0.1, ["greater than 0", "-0.1"], id="lr-negative"),
     pytest.param("train.epochs", 0, ["greater than or equal to 1"], id="epochs-zero"),
-    pytest.param("train.model", "resnet", ["'lenet' or 'convnet'", "'resnet'"], id="model"),
+    pytest.param("train.model", "resnet", ["'lenet', 'convnet', 'resnet18' or 'mobilenet_v3_small'", "'resnet'"], id="model"),
     pytest.param("train.optimizer", "adamw", ["'sgd', 'adam', 'rmsprop' or 'muon'", "'adamw'"], id="optimizer"),
     pytest.param("train.loss", "hinge", ["'cross_entropy' or 'mse'", "'hinge'"], id="loss"),
     pytest.param("augment.policy", "cutmix", ["'trivialaugment'", "'augmix'", "'cutmix'"], id="augment-policy"),
@@ -61,7 +61,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
     message = str(refused.value)
     assert "train.lr: must be greater than 0" in message
-    assert "train.model: must be 'lenet' or 'convnet'" in message
+    assert "train.model: must be 'lenet', 'convnet', 'resnet18' or 'mobilenet_v3_small'" in message
     assert "data.image_size: must be greater than or equal to 8" in message
 
 
@@ -85,7 +85,7 @@ def test_an_unknown_preset_is_refused_with_the_defined_ones_named(tmp_path):
     path = write_params(tmp_path, {"train.preset": "fastest"})
 
     with pytest.raises(ParamsError, match=r"train\.preset: must be one of the presets defined in params.yaml: "
-                                          r"accurate, airbench94, default, fast, lenet \(got 'fastest'\)"):
+                                          r"accurate, airbench94, default, fast, finetune, lenet \(got 'fastest'\)"):
         load_params(path)
 
 

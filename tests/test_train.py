@@ -18,7 +18,7 @@ from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, finis
 from datamaker import make_image_folder, write_params
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import StageError
-from stages.hardware import cpu_has_native_bf16, resolve_compute
+from stages.hardware import cpu_has_native_bf16
 from stages.models import ConvNet, LeNet, build_model, load_checkpoint
 from stages.params import load_params
 from stages.train import Flips, ImageSet, create_model, image_side
@@ -196,8 +196,7 @@ def test_normalisation_is_measured_on_the_whole_training_set_not_its_first_image
     images[count // 2 :] = 255
     settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.preset": "lenet", "train.widths": None})).train
 
-    model = create_model(settings, ["black", "white"], ImageSet(images, torch.zeros(count, dtype=torch.int64)),
-                         resolve_compute("cpu", "fp32"))
+    model = create_model(settings, ["black", "white"], ImageSet(images, torch.zeros(count, dtype=torch.int64)))
 
     assert model.normalize.mean.flatten().tolist() == pytest.approx([0.5] * 3, abs=0.01)
 
