@@ -315,5 +315,9 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
             if image.size != (image_size, image_size):
                 image = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names its in-memory buffer, not the file.
+        raise BadImage(f"{name}: cannot be decoded as an image (not a format Pillow reads, or not an image at all)"
+                       ) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise BadImage(f"{name}: cannot be decoded as an image ({error})") from None

@@ -39,7 +39,7 @@ def test_every_readable_image_is_classified_and_the_broken_one_named(trained_pro
         assert len(guesses) == 2 and {guess["class"] for guess in guesses} <= set(TINY_CLASSES)
         assert guesses[0]["probability"] >= guesses[1]["probability"]
     assert output["failed"][0]["file"] == str(photos / "broken.jpg")
-    assert f"{photos / 'broken.jpg'}: cannot be decoded as an image" in result.stderr
+    assert f"{photos / 'broken.jpg'}: cannot be decoded as an image (not a format Pillow reads" in result.stderr
 
 
 def test_readable_files_only_exit_zero_with_a_table_and_csv(trained_project, photos):
