@@ -58,10 +58,10 @@ def imagenet_weights_file(architecture: str) -> Path:
     name = Path(urlparse(url).path).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s to %s", url, cached)
         hash_prefix = torch.hub.HASH_REGEX.search(name)
         try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
             # Written to a temporary file and moved into place: an interrupted download leaves nothing.
             torch.hub.download_url_to_file(url, str(cached), hash_prefix.group(1) if hash_prefix else None)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
