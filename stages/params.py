@@ -134,6 +134,10 @@ class TrainParams(Recipe, Machine):
         if (self.resize_from is None) != (self.resize_epochs is None):
             raise ValueError("train.resize_from and train.resize_epochs go together: set both (progressive resizing) "
                              "or neither")
+        if self.model == "lenet" and self.resize_from is not None:
+            # Its fully connected layers are sized for data.image_size; a smaller image would not fit them.
+            raise ValueError("train.model lenet takes images of data.image_size only, so no progressive resizing: "
+                             "set train.resize_from and train.resize_epochs to null, or use another model")
         if self.optimizer == "muon":
             if self.model != "convnet":
                 # Its filter renormalisation and learning rates are airbench's, made for convnet.

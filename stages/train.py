@@ -388,20 +388,27 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: Tr
         if side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         labels = train_set.labels[indices.to(compute.device)]
-        with compute.autocast():
-            logits = model(images.contiguous(memory_format=torch.channels_last))
-        loss = loss_of(logits, labels)
-        loss.backward()
-        for optimizer, schedule in zip(optimizers, schedules):
-            if isinstance(optimizer, torch.optim.Muon):
-                renormalise_filters(optimizer)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+        loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of)
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
     count = len(train_set.labels)
     return total_loss.item() / count, total_correct.item() / count
+
+
+def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, optimizers, schedules,
+               loss_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch forward, backward and every optimiser's step; the loss and logits."""
+    with compute.autocast():
+        logits = model(images.contiguous(memory_format=torch.channels_last))
+    loss = loss_of(logits, labels)
+    loss.backward()
+    for optimizer, schedule in zip(optimizers, schedules):
+        if isinstance(optimizer, torch.optim.Muon):
+            renormalise_filters(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+    return loss, logits
 
 
 class Backbone:

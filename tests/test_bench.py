@@ -113,3 +113,33 @@ def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
 
     assert {"lenet", "fast", "default", "accurate", "airbench94"} <= set(names)
     assert "finetune" not in names  # starts from downloaded weights: not a training-time peer, nor offline
+
+
+def run_step_speed(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.step_speed", "--params", str(PROJECT_ROOT / "params.yaml"),
+                           *arguments], cwd=PROJECT_ROOT, env=stage_environment(ONE_THREAD), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_step_speed_times_the_train_stages_step_at_each_side():
+    run = run_step_speed("--preset", "default", "--set", "train.batch_size=16", "--set", "train.widths=[8,16,16]",
+                         "--set", "train.threads=1", "--set", "train.device=cpu", "--sides", "16,32", "--steps", "2",
+                         "--modes", "eager")
+
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("default: convnet [8, 16, 16], batch 16, cpu")
+    assert [line.split(":")[0].split() for line in lines[1:]] == [["eager", "side", "16"], ["eager", "side", "32"]]
+    assert all(float(line.split(",")[-1].split()[0]) > 0 for line in lines[1:])  # images/s
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--preset", "lenet", "--sides", "16"], "error: --sides: lenet takes images of data.image_size only (32)"),
+    (["--preset", "fast", "--sides", "4"], "error: --sides: convnet needs images of side ≥ 9, not 4"),
+    (["--modes", "eager,jit"], "--modes: jit is not one of eager, compile"),
+])
+def test_step_speed_refuses_sides_the_model_cannot_take_and_unknown_modes(arguments, message):
+    run = run_step_speed(*arguments)
+
+    assert run.returncode != 0
+    assert message in run.stderr

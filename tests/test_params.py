@@ -162,13 +162,15 @@ def test_invalid_yaml_is_refused_with_the_file_named(tmp_path):
          "train.optimizer muon trains the convnet model only, not lenet"),
         ({"presets.default.muon_momentum": None}, "train.muon_momentum and train.muon_ns_steps must be set"),
         ({"presets.default.resize_epochs": None}, "train.resize_from and train.resize_epochs go together"),
+        ({"train.preset": "lenet", "train.resize_from": 16, "train.resize_epochs": 1},
+         "train.model lenet takes images of data.image_size only, so no progressive resizing"),
         ({"train.batchnorm_momentum": None, "presets.default.batchnorm_momentum": None},
          "train.batchnorm_momentum must be set for the convnet model"),
         ({"train.weights": "imagenet"},
          "train.weights is 'imagenet', but torchvision publishes ImageNet weights for resnet18, mobilenet_v3_small, "
          "not convnet; give a weights file's path, or 'random'"),
     ],
-    ids=["muon-on-lenet", "muon-without-its-momentum", "resize-half-set", "convnet-without-batchnorm-momentum",
+    ids=["muon-on-lenet", "muon-without-its-momentum", "resize-half-set", "resize-of-lenet", "convnet-without-batchnorm-momentum",
          "imagenet-weights-for-convnet"],
 )
 def test_recipe_keys_that_need_each_other_are_refused_naming_both(tmp_path, overrides, message):
