@@ -32,6 +32,8 @@ from bench.results import (REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machi
 log = logging.getLogger("bench")
 
 RESULT_FILES = ("results.csv", "results.md", "accuracy_vs_time.png", "pipeline.json")
+# The plot is redrawn from results.csv on every row, so git keeps the figures, not the picture.
+COMMITTED_FILES = ("results.csv", "results.md", "pipeline.json")
 
 
 def main() -> int:
@@ -50,7 +52,7 @@ def main() -> int:
         start_over(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("# scratch projects and cached data of python -m bench; the results are kept\n"
-                                    "/cache/\n/runs/\n/bench.log\n")
+                                    "/cache/\n/runs/\n/bench.log\n/accuracy_vs_time.png\n")
     rows = load_rows(out / "results.csv")
     refuse_other_machine(rows, out)
     log.info("benchmark into %s: tutorial, then %s", out, ", ".join(presets))
@@ -167,8 +169,8 @@ def record(out: Path, rows: pd.DataFrame, figures: dict | None, t_seconds: float
 
 
 def commit_results(out: Path, name: str) -> None:
-    """Commit the three results files, and nothing else that may be staged or changed."""
-    files = [str(out / file) for file in RESULT_FILES if (out / file).exists()]
+    """Commit the results files but the plot, and nothing else that may be staged or changed."""
+    files = [str(out / file) for file in COMMITTED_FILES if (out / file).exists()]
     subprocess.run(["git", "add", "--", *files], check=True, cwd=out)
     done = subprocess.run(["git", "commit", "--quiet", "-m", f"bench: {name} row ({machine()['cpu_model']})", "--",
                            *files], cwd=out, capture_output=True, text=True)
