@@ -93,6 +93,7 @@ class Recipe(Section):
     resize_epochs: int | None = Field(ge=1)  # epochs over which the side grows back to full size
     weights: str = Field(min_length=1)  # start from: "random", "imagenet" or a weights file's path
     freeze_epochs: int = Field(ge=0)  # epochs in which only the head trains
+    ema_decay: float = Field(ge=0, lt=1)  # the weights kept: an average of every step's (0: the last step's)
 
 
 class Machine(Section):

@@ -18,10 +18,10 @@ from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, finis
 from datamaker import make_image_folder, write_params
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import StageError
-from stages.hardware import cpu_has_native_bf16
+from stages.hardware import cpu_has_native_bf16, resolve_compute
 from stages.models import ConvNet, LeNet, build_model, load_checkpoint
 from stages.params import load_params
-from stages.train import Flips, ImageSet, create_model, image_side
+from stages.train import Flips, ImageSet, create_model, image_side, measure, weight_average
 
 CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
 NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -38,6 +38,8 @@ RUNS = {
                     "train.label_smoothing": 0.0},
     "sgd": {"train.optimizer": "sgd", "train.lr": 0.2, "train.momentum": 0.9, "train.weight_decay": 0.0001},
     "cuda": {"train.device": "cuda"},
+    # the default preset keeps an average of the weights (ema_decay 0.9); 0 keeps the last step's
+    "last-weights": {"train.ema_decay": 0},
     # the airbench94 preset (Muon, frozen BatchNorm scales, alternating flips, whitening bias
     # trained one epoch of two) on tiny widths, with progressive resizing from 10 pixels
     "airbench94": {"train.preset": "airbench94", "train.widths": [8, 16, 16], "train.epochs": 2,
@@ -266,6 +268,44 @@ def test_frozen_batchnorm_scales_stay_at_one_and_use_the_recipes_momentum(runs):
     norms = [layer for layer in model.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
     assert norms and all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in norms)
     assert description["params"]["train"]["batchnorm_momentum"] == 0.4
+
+
+def test_the_weight_average_changes_what_is_kept_not_how_training_goes(trained_project, runs):
+    averaged, last = trained_project, finished(runs, "last-weights")
+
+    assert load_checkpoint(averaged.model)[1]["params"]["train"]["ema_decay"] == 0.9
+    pd.testing.assert_frame_equal(curve(averaged, "train/loss"), curve(last, "train/loss"))
+    assert not torch.equal(load_checkpoint(averaged.model)[0].network.head.weight,
+                           load_checkpoint(last.model)[0].network.head.weight)
+
+
+@pytest.mark.parametrize("run", ["averaged", "last-weights"])
+def test_the_last_test_accuracy_logged_is_the_saved_models(trained_project, runs, run):
+    project = trained_project if run == "averaged" else finished(runs, run)
+    model, description = load_checkpoint(project.model)
+    test = load_split(project.prepared, "test")
+    test_set = ImageSet(torch.from_numpy(np.array(test.images)).permute(0, 3, 1, 2), torch.from_numpy(test.labels))
+    compute = resolve_compute("cpu", description["compute"]["precision"])
+
+    _, accuracy = measure(model, test_set, compute, lambda logits, labels: logits.sum(),
+                          description["params"]["train"]["batch_size"])
+
+    assert accuracy == curve(project, "test/accuracy")["accuracy"].iloc[-1]
+
+
+def test_the_weight_average_averages_batchnorm_statistics_too():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = weight_average(model, 0.75)
+    for value in (1.0, 5.0):  # the weights after a first step, then after a second
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+            model[1].running_mean.fill_(value)
+        average.update_parameters(model)
+
+    # 0.75 of the first and 0.25 of the second: 0.75 + 1.25
+    assert torch.equal(average.module[0].weight, torch.full((2, 2), 2.0))
+    assert torch.equal(average.module[1].running_mean, torch.full((2,), 2.0))
+    assert weight_average(model, 0) is None
 
 
 def test_alternate_flips_mirror_each_image_every_other_epoch():
