@@ -385,7 +385,16 @@ def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
     their average sits nearer its centre (Polyak averaging; airbench94's first recipe kept one too)."""
     if decay == 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average_floats = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():
+            average_floats(averaged, current, steps)
+        else:  # BatchNorm's batch counters: counted, not averaged (torch's EMA would round them down)
+            for kept, now in zip(averaged, current):
+                kept.copy_(now)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: TrainParams, compute: Compute, generator,

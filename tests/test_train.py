@@ -300,11 +300,13 @@ def test_the_weight_average_averages_batchnorm_statistics_too():
         with torch.no_grad():
             model[0].weight.fill_(value)
             model[1].running_mean.fill_(value)
+            model[1].num_batches_tracked += 7
         average.update_parameters(model)
 
     # 0.75 of the first and 0.25 of the second: 0.75 + 1.25
     assert torch.equal(average.module[0].weight, torch.full((2, 2), 2.0))
     assert torch.equal(average.module[1].running_mean, torch.full((2,), 2.0))
+    assert torch.equal(average.module[1].num_batches_tracked, model[1].num_batches_tracked)
     assert weight_average(model, 0) is None
 
 
