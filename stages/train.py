@@ -381,8 +381,9 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
 
 def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
     """An exponential moving average of the weights after every step, BatchNorm's statistics too
-    (decay 0: none, the last step's weights are kept). The last steps of a short run still jitter around the minimum they settle in, and
-    their average sits nearer its centre (Polyak averaging; airbench94's first recipe kept one too)."""
+    (decay 0: none, the last step's weights are kept). The last steps of a short run still jitter
+    around the minimum they settle in, and their average sits nearer its centre (Polyak averaging;
+    airbench94's first recipe kept one too)."""
     if decay == 0:
         return None
     average_floats = get_ema_multi_avg_fn(decay)
