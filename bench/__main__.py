@@ -31,9 +31,10 @@ from bench.results import (REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machi
 
 log = logging.getLogger("bench")
 
-RESULT_FILES = ("results.csv", "results.md", "accuracy_vs_time.png", "pipeline.json")
+PLOT = "accuracy_vs_time.png"
+RESULT_FILES = ("results.csv", "results.md", PLOT, "pipeline.json")
 # The plot is redrawn from results.csv on every row, so git keeps the figures, not the picture.
-COMMITTED_FILES = ("results.csv", "results.md", "pipeline.json")
+COMMITTED_FILES = tuple(file for file in RESULT_FILES if file != PLOT)
 
 
 def main() -> int:
@@ -52,7 +53,7 @@ def main() -> int:
         start_over(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("# scratch projects and cached data of python -m bench; the results are kept\n"
-                                    "/cache/\n/runs/\n/bench.log\n/accuracy_vs_time.png\n")
+                                    f"/cache/\n/runs/\n/bench.log\n/{PLOT}\n")
     rows = load_rows(out / "results.csv")
     refuse_other_machine(rows, out)
     log.info("benchmark into %s: tutorial, then %s", out, ", ".join(presets))
@@ -161,7 +162,7 @@ def record(out: Path, rows: pd.DataFrame, figures: dict | None, t_seconds: float
     rows = append_row(out / "results.csv", rows, figures, t_seconds)
     pipeline_file = out / "pipeline.json"
     write_markdown(out / "results.md", rows, json.loads(pipeline_file.read_text()) if pipeline_file.is_file() else None)
-    plot_accuracy_vs_time(out / "accuracy_vs_time.png", rows)
+    plot_accuracy_vs_time(out / PLOT, rows)
     log.info("%s: accuracy %.4f%s, %.1f s of training (%.2f T) -> %s", figures["name"], figures["accuracy"],
              f" ({figures['accuracy_tta']:.4f} with TTA)" if figures["accuracy_tta"] is not None else "",
              figures["train_seconds"], figures["train_seconds"] / t_seconds, out / "results.csv")

@@ -21,7 +21,7 @@ from stages.errors import StageError
 from stages.hardware import cpu_has_native_bf16, resolve_compute
 from stages.models import ConvNet, LeNet, build_model, load_checkpoint
 from stages.params import load_params
-from stages.train import Flips, ImageSet, create_model, image_side, measure, weight_average
+from stages.train import Flips, ImageSet, create_model, image_side, measure, to_image_set, weight_average
 
 CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
 NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -283,9 +283,8 @@ def test_the_weight_average_changes_what_is_kept_not_how_training_goes(trained_p
 def test_the_last_test_accuracy_logged_is_the_saved_models(trained_project, runs, run):
     project = trained_project if run == "averaged" else finished(runs, run)
     model, description = load_checkpoint(project.model)
-    test = load_split(project.prepared, "test")
-    test_set = ImageSet(torch.from_numpy(np.array(test.images)).permute(0, 3, 1, 2), torch.from_numpy(test.labels))
     compute = resolve_compute("cpu", description["compute"]["precision"])
+    test_set = to_image_set(load_split(project.prepared, "test"), compute)
 
     _, accuracy = measure(model, test_set, compute, lambda logits, labels: logits.sum(),
                           description["params"]["train"]["batch_size"])
