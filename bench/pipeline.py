@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from bench.processes import PROJECT_ROOT, run_module
+from bench.processes import PROJECT_ROOT, run_module, run_stage
 
 log = logging.getLogger("bench")
 
@@ -110,17 +110,15 @@ def prepare_data(params: dict, images: Path, cache: Path) -> PreparedData:
     data_params = apply_overrides(params, {"data.source": str(images.resolve()), "augment.copies": 0})
     key = hashlib.sha256(json.dumps([data_params["seed"], data_params["data"], data_params["augment"]],
                                     sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache / f"data-{key}"
-    data = PreparedData(folder / "prepared", folder / "augmented")
+    folder = cache / f"data-{key}"  # laid out as the project: the stages run with dvc.yaml's command lines
+    data = PreparedData(folder / "data" / "prepared", folder / "data" / "augmented")
     if (data.augmented / "meta.json").is_file():
         log.info("prepared data: %s (made before)", folder)
         return data
     write_params(data_params, folder)
     log.info("prepared data: decoding %s into %s", images, data.prepared)
-    run_module("stages.download", "--raw", "raw", "--out", "prepared", "--stats", "download.json",
-               cwd=folder, log_file=folder / "download.log", tag="download")
-    run_module("stages.augment", "prepared", "augmented", "--preview", "augment_preview.png",
-               "--stats", "augment.json", cwd=folder, log_file=folder / "augment.log", tag="augment")
+    for stage in ("download", "augment"):
+        run_stage(stage, cwd=folder, log_file=folder / f"{stage}.log", tag=stage)
     return data
 
 
@@ -163,23 +161,21 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
     shutil.rmtree(project, ignore_errors=True)  # an interrupted run starts over
     tta = params["evaluate"]["tta"] if params["evaluate"]["tta"] != "none" else "flip"
     write_params(apply_overrides(params, {"evaluate.tta": tta}), project)
+    link_inputs(project, {"data/prepared": data.prepared, "data/augmented": data.augmented})
     log_file = project / "stages.log"
-    prepared, augmented = str(data.prepared), str(data.augmented)
-    trained = run_module("stages.train", prepared, augmented, "model.pt", "--live", "train",
-                         cwd=project, log_file=log_file, tag=f"{preset} train")
-    run_module("stages.evaluate", "model.pt", prepared, "--metrics", "metrics.json", "--per-class", "per_class.csv",
-               "--predictions", "predictions.csv", cwd=project, log_file=log_file, tag=f"{preset} evaluate")
+    trained = run_stage("train", cwd=project, log_file=log_file, tag=f"{preset} train")
+    run_stage("evaluate", cwd=project, log_file=log_file, tag=f"{preset} evaluate")
     # The same model scored once more without test-time augmentation, in a folder of its own
     # since evaluate reads its settings from the params.yaml beside it.
     no_tta = project / "no_tta"
     write_params(apply_overrides(params, {"evaluate.tta": "none"}), no_tta)
-    run_module("stages.evaluate", "../model.pt", prepared, "--metrics", "metrics.json", "--per-class", "per_class.csv",
-               "--predictions", "predictions.csv", cwd=no_tta, log_file=log_file, tag=f"{preset} evaluate, no TTA")
+    link_inputs(no_tta, {"data/prepared": data.prepared, "models/model.pt": project / "models" / "model.pt"})
+    run_stage("evaluate", cwd=no_tta, log_file=log_file, tag=f"{preset} evaluate, no TTA")
 
-    summary = json.loads((project / "train" / "metrics.json").read_text())
+    summary = json.loads((project / "reports" / "train" / "metrics.json").read_text())
     return {
-        "accuracy": json.loads((no_tta / "metrics.json").read_text())["accuracy"],
-        "accuracy_tta": json.loads((project / "metrics.json").read_text())["accuracy"],
+        "accuracy": json.loads((no_tta / "reports" / "metrics.json").read_text())["accuracy"],
+        "accuracy_tta": json.loads((project / "reports" / "metrics.json").read_text())["accuracy"],
         "train_seconds": summary["train_seconds"],
         "load_seconds": summary["load_seconds"],
         "images_per_second": summary["images_per_second"],
@@ -188,6 +184,15 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
         "precision": summary["precision"],
         "threads": summary["threads"],
     }
+
+
+def link_inputs(project: Path, inputs: dict[str, Path]) -> None:
+    """Symbolic links in the scratch project to inputs that lie elsewhere, where dvc.yaml's command lines
+    look for them (`data/prepared`, ...)."""
+    for relative, target in inputs.items():
+        link = project / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target.resolve())
 
 
 # --- the pipeline's own figures: decoding, and a no-op `dvc repro` -----------------------------

@@ -1,17 +1,29 @@
-"""Running a stage (or the tutorial) as a child process: its lines logged, its peak memory measured."""
+"""Running a stage (or the tutorial) as a child process: its lines logged, its peak memory measured;
+each stage's command line as dvc.yaml, its one home, gives it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+
+from ruamel.yaml import YAML
 
 log = logging.getLogger("bench")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@cache
+def stage_command(stage: str) -> list[str]:
+    """dvc.yaml's `cmd` of a stage, split as a shell would: `["python", "-m", "stages.train", ...]`."""
+    stages = YAML(typ="safe", pure=True).load(PROJECT_ROOT / "dvc.yaml")["stages"]
+    return shlex.split(stages[stage]["cmd"])
 
 
 @dataclass(frozen=True)
@@ -52,3 +64,9 @@ def run_module(module: str, *args: str, cwd: Path, log_file: Path, tag: str) -> 
     if child.returncode != 0:
         raise ChildFailed(f"{module} exited with {child.returncode}; its last lines:\n" + "\n".join(last_lines))
     return Finished(child.returncode, round(usage.ru_maxrss / 1024, 1))
+
+
+def run_stage(stage: str, *, cwd: Path, log_file: Path, tag: str) -> Finished:
+    """A stage, with dvc.yaml's command line, in cwd: a folder laid out as the project (data/, models/, reports/)."""
+    _python, _dash_m, module, *args = stage_command(stage)
+    return run_module(module, *args, cwd=cwd, log_file=log_file, tag=tag)

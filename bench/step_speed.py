@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from stages.hardware import resolve_compute
-from stages.models import smallest_image_side
+from stages.models import as_unit_floats, smallest_image_side
 from stages.params import load_params
-from stages.train import (ImageSet, as_float, create_model, loss_function, make_optimizers, make_schedules,
-                          train_step)
+from stages.train import ImageSet, create_model, loss_function, make_optimizers, make_schedules, train_step
 
 from bench.pipeline import params_for_preset, parse_overrides, read_params, write_params
 
@@ -59,7 +58,7 @@ def main() -> None:
         loss_of = loss_function(settings, len(CLASSES))
         stepped = torch.compile(model) if mode == "compile" else model
         for side in args.sides:
-            batch = as_float(images.images)
+            batch = as_unit_floats(images.images)
             if side != batch.shape[-1]:  # as the train stage resizes
                 batch = F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True)
             times = [timed_step(stepped, batch, images.labels, compute, optimizers, schedules, loss_of)

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("download", "augment", "train", "evaluate", "compress", "report")
-
 # What DVC prints when a stage starts, is skipped, and when one fails.
 RUNNING = re.compile(r"Running stage '(?P<stage>[\w-]+)'")
 SKIPPED = re.compile(r"Stage '(?P<stage>[\w-]+)' (didn't change, skipping|is cached)")

@@ -14,15 +14,11 @@ import pandas as pd
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.champion import Decision
+from stages.metrics import HEADLINE
 
 PER_CLASS_KEY = "retrain-per-class"  # table: reports/per_class.csv
 SUMMARY_KEY = "retrain-summary"  # markdown: reports/metrics.json against the champion, the promotion decision
 REPORT_KEY = "retrain-report"  # link: reports/report.html
-
-# Headline metrics compared with the champion, in this order (reports/metrics.json, fractions in 0-1).
-HEADLINE = ("accuracy", "recall_macro", "precision_macro", "f1_macro", "recall_weighted", "precision_weighted",
-            "f1_weighted")
-
 
 def read_metrics(project: Path) -> dict:
     return json.loads((project / "reports/metrics.json").read_text())

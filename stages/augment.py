@@ -44,8 +44,7 @@ def main() -> None:
         count = write_copies(writer, train, policy, params.augment.copies, params.seed)
         writer.commit({"copies": params.augment.copies, "policy": params.augment.policy, "count": count})
     save_preview(Path(args.preview), train.images, policy, params.augment, params.seed)
-    stats = {"augment_seconds": round(time.perf_counter() - started, 2), "copies": params.augment.copies,
-             "policy": params.augment.policy, "augmented_images": count}
+    stats = {"augment_seconds": round(time.perf_counter() - started, 2), "augmented_images": count}
     write_json(Path(args.stats), stats)
     log.info("wrote %d augmented images (%s, %d copies) in %.1f s", count, params.augment.policy,
              params.augment.copies, stats["augment_seconds"])

@@ -46,8 +46,8 @@ from torch.nn.utils import prune
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import cpu_model_name
-from stages.models import Classifier, load_checkpoint, save_checkpoint
-from stages.outputs import atomic_path, write_json
+from stages.models import Classifier, as_model_input, load_checkpoint, save_checkpoint
+from stages.outputs import atomic_folder, atomic_path, write_json
 from stages.params import CompressParams, load_params
 
 log = logging.getLogger("compress")
@@ -84,25 +84,27 @@ def main() -> None:
     test = load_split(args.prepared, "test")
     calibration = calibration_images(Path(args.prepared), settings.calibration_images, params.seed)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # DVC expects the folder, also when compress.variants is empty
-    variants = [Variant("fp32", Path(args.model), model, torch.float32, "fp32", "checkpoint", "eager",
-                        weight_sparsity(model))]
-    for name in settings.variants:
-        log.info("writing variant %s", name)
-        variants.append(write_and_reload(name, model, description, out / FILE_NAMES[name], settings, engine,
-                                         calibration))
-    remove_stale_variants(out, keep={variant.path.name for variant in variants[1:]})
-
-    rows = []
-    for variant in variants:
-        rows.append(measure(variant, test.images, test.labels, settings))
-        log.info("%s: accuracy %.4f, %.3f ms per image, %.0f images/s, %.3f MB", variant.name, rows[-1]["accuracy"],
-                 rows[-1]["latency_ms"], rows[-1]["images_per_second"], rows[-1]["size_bytes"] / 1e6)
+    # Written and measured in a hidden folder that becomes --out at the end (DVC expects the folder,
+    # also when compress.variants is empty): a killed run leaves no half set of variants.
+    with atomic_folder(args.out) as folder:
+        variants = [Variant("fp32", Path(args.model), model, torch.float32, "fp32", "checkpoint", "eager",
+                            weight_sparsity(model))]
+        for name in settings.variants:
+            log.info("writing variant %s", name)
+            variants.append(write_and_reload(name, model, description, folder / FILE_NAMES[name], settings, engine,
+                                             calibration))
+        rows = []
+        for variant in variants:
+            rows.append(measure(variant, test.images, test.labels, settings))
+            log.info("%s: accuracy %.4f, %.3f ms per image, %.0f images/s, %.3f MB", variant.name,
+                     rows[-1]["accuracy"], rows[-1]["latency_ms"], rows[-1]["images_per_second"],
+                     rows[-1]["size_bytes"] / 1e6)
     table = compare_with_reference(pd.DataFrame(rows))
+    files = [Path(args.model)] + [Path(args.out) / FILE_NAMES[name] for name in settings.variants]
+    table.insert(1, "file", [file.as_posix() for file in files])
     with atomic_path(args.table) as partial:
         table.to_csv(partial, index=False)
-    write_json(args.metrics, headline_metrics(table, engine, settings))
+    write_json(args.metrics, headline_metrics(table, engine))
 
 
 def parse_args() -> argparse.Namespace:
@@ -151,11 +153,6 @@ def calibration_images(prepared: Path, count: int, seed: int) -> np.ndarray:
     return np.asarray(train.images[np.sort(chosen)])  # sorted: the memory map is read front to back
 
 
-def as_input(images: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) in [0, 1], as the models take them."""
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).to(dtype).div_(255)
-
-
 # --- the variants --------------------------------------------------------------------------
 
 
@@ -181,7 +178,7 @@ def write_and_reload(name: str, model: Classifier, description: dict, path: Path
         half = reloaded.to(HALF_TYPES[name])
         return Variant(name, path, half, HALF_TYPES[name], name, "checkpoint", "eager", weight_sparsity(half))
     if name == "exported":
-        program = export_program(model, as_input(calibration[:1].repeat(2, axis=0)))
+        program = export_program(model, as_model_input(calibration[:1].repeat(2, axis=0)))
         with atomic_path(path) as partial, open(partial, "wb") as file:
             torch.export.save(program, file)
         return Variant(name, path, torch.export.load(path).module(), torch.float32, "fp32", "torch.export", "eager",
@@ -193,7 +190,7 @@ def quantize_int8(model: Classifier, calibration: np.ndarray, engine: str, batch
     """Static int8 quantization in FX graph mode: observers placed by the engine's default qconfig, activation
     ranges seen on the calibration images, then converted to int8 kernels and traced to TorchScript."""
     torch.backends.quantized.engine = engine
-    example = as_input(calibration[:1])
+    example = as_model_input(calibration[:1])
     with warnings.catch_warnings():
         # torch.ao.quantization and torch.jit.trace warn that they are deprecated; they remain the
         # way to run static int8 in eager PyTorch, and torch.export cannot yet save their packed
@@ -203,7 +200,7 @@ def quantize_int8(model: Classifier, calibration: np.ndarray, engine: str, batch
         observed = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(engine), example_inputs=(example,))
         with torch.inference_mode():
             for start in range(0, len(calibration), batch_size):
-                observed(as_input(calibration[start : start + batch_size]))
+                observed(as_model_input(calibration[start : start + batch_size]))
         quantized = convert_fx(observed)
         with torch.inference_mode():
             return torch.jit.freeze(torch.jit.trace(quantized, example))
@@ -231,30 +228,23 @@ def weight_sparsity(model: nn.Module) -> float:
     return zeros / max(1, sum(weight.numel() for weight in weights))
 
 
-def remove_stale_variants(out: Path, keep: set[str]) -> None:
-    """Delete variant files of earlier runs with other `compress.variants`, so the folder matches the table."""
-    for path in out.glob("*"):
-        if path.is_file() and path.name not in keep:
-            path.unlink()
-
-
 # --- measuring -----------------------------------------------------------------------------
 
 
 @torch.inference_mode()
 def measure(variant: Variant, images: np.ndarray, labels: np.ndarray, settings: CompressParams) -> dict:
     """Accuracy and throughput over the whole split at batch_size, then batch-1 latency."""
-    variant.run(as_input(images[: settings.batch_size], variant.dtype))  # untimed: the first call picks kernels
+    # Untimed: the first call picks kernels.
+    variant.run(as_model_input(images[: settings.batch_size], dtype=variant.dtype))
     correct, seconds = 0, 0.0
     for start in range(0, len(labels), settings.batch_size):
-        batch = as_input(images[start : start + settings.batch_size], variant.dtype)
+        batch = as_model_input(images[start : start + settings.batch_size], dtype=variant.dtype)
         started = time.perf_counter()
         logits = variant.run(batch)
         seconds += time.perf_counter() - started
         correct += int((logits.argmax(dim=1).numpy() == labels[start : start + settings.batch_size]).sum())
     return {
         "variant": variant.name,
-        "file": variant.path.as_posix(),
         "format": variant.file_format,
         "precision": variant.precision,
         "backend": variant.backend,
@@ -270,7 +260,7 @@ def measure(variant: Variant, images: np.ndarray, labels: np.ndarray, settings: 
 
 def batch_one_latency(variant: Variant, image: np.ndarray, repeats: int) -> float:
     """Median seconds for one image, after a few untimed runs."""
-    single = as_input(image, variant.dtype)
+    single = as_model_input(image, dtype=variant.dtype)
     for _ in range(WARM_UP_RUNS):
         variant.run(single)
     timings = []
@@ -291,12 +281,10 @@ def compare_with_reference(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def headline_metrics(table: pd.DataFrame, engine: str | None, settings: CompressParams) -> dict:
+def headline_metrics(table: pd.DataFrame, engine: str | None) -> dict:
     """How it was measured, then one entry per variant, flat enough for `dvc exp show` columns
     (`int8.accuracy`, `int8.speedup`, ...)."""
-    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]),
-                     "int8_backend": engine or "none",
-                     "batch_size": settings.batch_size, "latency_repeats": settings.latency_repeats}
+    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]), "int8_backend": engine or "none"}
     for row in table.itertuples():
         metrics[row.variant] = {
             "accuracy": row.accuracy, "accuracy_change": row.accuracy_change, "size_mb": round(row.size_bytes / 1e6, 3),

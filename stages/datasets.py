@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from stages.outputs import file_digest, partial_folder, replace_folder
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ class PreparedWriter:
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self.tmp_dir = partial_folder(self.out_dir)
         self.counts: dict[str, int] = {}
 
     def allocate(self, split: str, count: int, image_size: int) -> np.ndarray:
@@ -87,10 +86,7 @@ class PreparedWriter:
         """Write meta.json (with a checksum of the arrays) and move the folder into place."""
         meta = {**meta, "counts": self.counts, "data_sha256": checksum_arrays(self.tmp_dir)}
         (self.tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        self.tmp_dir.chmod(0o755)  # mkdtemp makes it private; the data set is not
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
+        replace_folder(self.tmp_dir, self.out_dir)
         return meta
 
     def abort(self) -> None:
@@ -105,10 +101,6 @@ class PreparedWriter:
 
 
 def checksum_arrays(prepared_dir: Path) -> str:
-    """sha256 over every array in the folder, in name order: the data's identity."""
-    digest = hashlib.sha256()
-    for path in sorted(prepared_dir.glob("*.npy")):
-        with open(path, "rb") as file:
-            while block := file.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    """sha256 over the sha256 of every array in the folder, in name order: the data's identity."""
+    digests = [f"{path.name} {file_digest(path)}" for path in sorted(Path(prepared_dir).glob("*.npy"))]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()

@@ -10,7 +10,6 @@ archive in image-folder layout (see stages/image_folders.py) or in CIFAR python 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import logging
 import os
@@ -28,7 +27,7 @@ from stages.cifar import OFFICIAL, OfficialArchive, cifar_format_of, read_cifar_
 from stages.datasets import PreparedWriter
 from stages.errors import StageError, run_stage
 from stages.image_folders import BadImage, Layout, decode_image, open_image_folder, plan_layout
-from stages.outputs import write_json
+from stages.outputs import file_digest, write_json
 from stages.params import DataParams, load_params
 
 log = logging.getLogger("download")
@@ -70,7 +69,7 @@ def prepare(data: DataParams, seed: int, raw_dir: Path, writer: PreparedWriter) 
     path = fetch_url(data.source, raw_dir) if is_url(data.source) else resolve_local(data.source)
     spec = cifar_format_of(path) if path.is_file() else None
     if spec is not None:
-        return prepare_cifar(path, spec, data, writer) | {"source_sha256": sha256_of(path)}
+        return prepare_cifar(path, spec, data, writer) | {"source_sha256": file_digest(path)}
     return prepare_image_folder(path, data, seed, writer)
 
 
@@ -121,7 +120,7 @@ def fetch_official(spec: OfficialArchive, raw_dir: Path) -> Path:
             "data.source to a local image folder or archive, e.g. "
             "`dvc exp run -S data.source=../shared/datasets/cifar10-jpeg.tar.gz`"
         ))
-    actual = md5_of(archive)
+    actual = file_digest(archive, "md5")
     if actual != spec.md5:
         raise StageError(
             f"{archive} has MD5 {actual} but the official {spec.filename} has MD5 {spec.md5}: the file is "
@@ -171,21 +170,6 @@ def download(url: str, destination: Path, offline_hint: str) -> None:
         partial.unlink(missing_ok=True)
 
 
-def md5_of(path: Path) -> str:
-    return _digest(path, hashlib.md5())
-
-
-def sha256_of(path: Path) -> str:
-    return _digest(path, hashlib.sha256())
-
-
-def _digest(path: Path, digest) -> str:
-    with open(path, "rb") as file:
-        while block := file.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- decoding ------------------------------------------------------------------------------
 
 
@@ -212,7 +196,7 @@ def prepare_image_folder(path: Path, data: DataParams, seed: int, writer: Prepar
     kind = "image folder" if path.is_dir() else "image-folder archive"
     meta = describe_source(data, layout.classes, kind=kind, made_test_split=layout.made_test_split, skipped=skipped)
     if path.is_file():
-        meta["source_sha256"] = sha256_of(path)
+        meta["source_sha256"] = file_digest(path)
     return meta
 
 

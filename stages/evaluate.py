@@ -3,9 +3,9 @@
     python -m stages.evaluate models/model.pt data/prepared --metrics reports/metrics.json \
         --per-class reports/per_class.csv --predictions reports/predictions.csv
 
-Writes the headline metrics (fractions in 0-1, top level, so `dvc exp show` columns stay put),
-the per-class report, and one `image,actual,predicted,confidence` row per test image: DVC draws
-the confusion matrix from it, the report picks its mistakes from it.
+Writes the headline metrics (stages/metrics.py), the per-class report, and one
+`image,actual,predicted,confidence` row per test image: DVC draws the confusion matrix from it,
+the report picks its mistakes from it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, classification_report
+from sklearn.metrics import classification_report
 
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.models import Classifier, load_checkpoint
+from stages.metrics import headline_metrics
+from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path, write_json
 from stages.params import load_params
 
@@ -50,7 +51,7 @@ def main() -> None:
     report = classification_report(test.labels, predicted, labels=range(len(classes)), target_names=classes,
                                    output_dict=True, zero_division=0)
     metrics = headline_metrics(test.labels, predicted, report) | {
-        "test_images": len(test.labels), "eval_seconds": round(eval_seconds, 2), "tta": settings.tta,
+        "test_images": len(test.labels), "eval_seconds": round(eval_seconds, 2),
     }
     write_json(args.metrics, metrics)
     write_csv(args.per_class, per_class_table(report, classes))
@@ -74,8 +75,7 @@ def predict(model: Classifier, images: np.ndarray, compute: Compute, batch_size:
     """Class probabilities (N, classes) for (N, H, W, 3) uint8 images, read from the memory map in slices."""
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        batch = batch.to(compute.device).float().div_(255)
+        batch = as_model_input(images[start : start + batch_size], compute.device)
         with compute.autocast():
             logits = logits_with_tta(model, batch, tta)
         outputs.append(logits.float().softmax(dim=1).cpu().numpy())
@@ -99,14 +99,6 @@ def logits_with_tta(model: Classifier, images: torch.Tensor, tta: str) -> torch.
 
 def mean_over_mirror(model: Classifier, images: torch.Tensor) -> torch.Tensor:
     return (model(images).float() + model(images.flip(-1)).float()) / 2
-
-
-def headline_metrics(labels: np.ndarray, predicted: np.ndarray, report: dict) -> dict:
-    metrics = {"accuracy": accuracy_score(labels, predicted)}
-    for average in ("macro", "weighted"):
-        for name in ("precision", "recall", "f1"):
-            metrics[f"{name}_{average}"] = report[f"{average} avg"][f"{name}-score" if name == "f1" else name]
-    return {name: round(float(value), 6) for name, value in metrics.items()}
 
 
 def per_class_table(report: dict, classes: list[str]) -> pd.DataFrame:

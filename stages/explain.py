@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from stages.errors import StageError
+from stages.models import as_model_input
 
 HEAT_MAP_COLOURS = "jet"  # Grad-CAM's usual colours: red is where the evidence is strongest
 PAIR_INCHES = (3.2, 1.75)  # one image beside its heat map, with a line of caption above
@@ -41,7 +42,7 @@ def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int]) -> np
     target class each."""
     # Grad-CAM needs gradients, also when the caller runs in inference mode or without grad.
     with torch.inference_mode(False), torch.enable_grad():
-        inputs = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)
+        inputs = as_model_input(images)
         maps = LayerGradCam(model, last_conv_layer(model)).attribute(
             inputs, target=torch.as_tensor(list(targets)), relu_attributions=True)
         maps = LayerAttribution.interpolate(maps, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -15,6 +16,24 @@ from torch import nn
 from stages.errors import StageError
 from stages.outputs import atomic_path
 from stages.params import TORCHVISION_MODELS
+
+
+def as_images_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images, in memory or memory-mapped, as the (N, 3, H, W) uint8 tensor the models'
+    inputs are made from. NHWC bytes viewed as NCHW are exactly torch's channels_last layout: no copy of
+    an array in memory (one is made of a read-only memory map), and the convolutions' fastest CPU path."""
+    return torch.from_numpy(np.require(images, requirements=("C_CONTIGUOUS", "WRITEABLE"))).permute(0, 3, 1, 2)
+
+
+def as_unit_floats(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, 3, H, W) uint8 → the floats in [0, 1] every model here takes."""
+    return images.to(dtype).div_(255)
+
+
+def as_model_input(images: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images → (N, 3, H, W) floats in [0, 1] on `device`: what a Classifier takes."""
+    return as_unit_floats(as_images_nchw(images).to(device), dtype)
 
 
 class Normalize(nn.Module):

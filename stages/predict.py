@@ -28,7 +28,7 @@ from tqdm import tqdm
 from stages.errors import StageError, run_stage
 from stages.explain import explanation_grid_png, grad_cam
 from stages.image_folders import IMAGE_SUFFIXES, BadImage, decode_image
-from stages.models import Classifier, load_checkpoint
+from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path
 
 log = logging.getLogger("predict")
@@ -106,7 +106,7 @@ def classify(model: Classifier, files: list[Path], image_size: int, batch_size: 
     batch_files, batch_images = [], []
 
     def flush() -> None:
-        images = torch.from_numpy(np.stack(batch_images)).permute(0, 3, 1, 2).float().div_(255)
+        images = as_model_input(np.stack(batch_images))
         predictions.files += [str(file) for file in batch_files]
         predictions.probabilities += list(model(images).float().softmax(dim=1).numpy())
         batch_files.clear()

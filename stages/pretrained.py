@@ -8,7 +8,6 @@ Every tensor is loaded; only the head may stay new, when the file's has another 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import urllib.error
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from stages.errors import StageError
 from stages.models import Classifier
+from stages.outputs import file_digest
 from stages.params import IMAGENET, RANDOM
 
 log = logging.getLogger("train")
@@ -49,7 +49,7 @@ def load_initial_weights(model: Classifier, architecture: str, source: str) -> d
     new_head = load_matching(target, state, path, architecture)
     log.info("starting from %s: %d tensors loaded%s", path, len(state) - len(new_head),
              f", a new head ({', '.join(new_head)})" if new_head else "")
-    return {"source": source, "file": str(path), "sha256": sha256_of(path), "new": new_head}
+    return {"source": source, "file": str(path), "sha256": file_digest(path), "new": new_head}
 
 
 def imagenet_weights_file(architecture: str) -> Path:
@@ -115,11 +115,3 @@ def head_prefix(target: nn.Module) -> str:
     """The state-dict name prefix of the last linear layer, the classification head."""
     name = [name for name, layer in target.named_modules() if isinstance(layer, nn.Linear)][-1]
     return f"{name}."
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -44,9 +44,10 @@ from stages.datasets import load_split
 from stages.errors import StageError, run_stage
 from stages.explain import explanation_grid_png, grad_cam
 from stages.hardware import cpu_model_name
+from stages.metrics import HEADLINE
 from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path
-from stages.params import Params, load_params
+from stages.params import AugmentParams, CompressParams, Params, load_params
 
 log = logging.getLogger("report")
 
@@ -132,14 +133,14 @@ def main() -> None:
 
     title = f"{trained['architecture']} on {Path(meta['source']).name}"
     sections = [
-        headline_section(metrics, trained, train_summary, earlier),
+        headline_section(metrics, params.evaluate.tta, trained, train_summary, earlier),
         per_class_section(per_class),
         confusion_section(confusion, predictions),
         mistakes_section(grid, mistakes, settings.misclassified_grid),
         explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes),
-        compression_section(compression, compression_summary),
+        compression_section(compression, compression_summary, params.compress),
         learning_curves_section(curves, train_summary),
-        data_section(meta, download, augment, preview),
+        data_section(meta, download, augment, params.augment, preview),
         params_section(params, trained["params"]),
         provenance_section(meta, trained, train_summary),
         wall_times_section(download, augment, train_summary, metrics),
@@ -354,20 +355,14 @@ def png_bytes(figure: Figure) -> bytes:
 # --- sections ------------------------------------------------------------------------------
 
 
-def headline_section(metrics: dict, trained: dict, train_summary: dict, earlier: dict[str, dict]) -> Section:
-    tta = "no test-time augmentation" if metrics["tta"] == "none" else f"test-time augmentation: {metrics['tta']}"
-    scores = {
-        "accuracy": "accuracy",
-        "macro precision": "precision_macro",
-        "macro recall": "recall_macro",
-        "macro F1": "f1_macro",
-        "weighted F1": "f1_weighted",
-    }
-    table = pd.DataFrame({"metric": list(scores), "this run": [f"{metrics[key]:.2%}" for key in scores.values()]})
+def headline_section(metrics: dict, tta: str, trained: dict, train_summary: dict, earlier: dict[str, dict]
+                     ) -> Section:
+    tta = "no test-time augmentation" if tta == "none" else f"test-time augmentation: {tta}"
+    table = pd.DataFrame({"metric": list(HEADLINE.values()), "this run": [f"{metrics[key]:.2%}" for key in HEADLINE]})
     for name, other in earlier.items():
-        table[name] = [f"{other[key]:.2%}" if key in other else "–" for key in scores.values()]
+        table[name] = [f"{other[key]:.2%}" if key in other else "–" for key in HEADLINE]
         table[f"vs {name}"] = [f"{100 * (metrics[key] - other[key]):+.2f} pp" if key in other else "–"
-                               for key in scores.values()]
+                               for key in HEADLINE]
     epochs = trained["params"]["train"]["epochs"]
     summary = (f"{metrics['test_images']} test images, {tta}. Model {trained['architecture']}, trained "
                f"{epochs} epochs on {train_summary['train_images']} images.")
@@ -412,7 +407,7 @@ def explanations_section(by_class: Picture, mistakes: Picture, per_class: int, m
     return Section("Explanations", blocks)
 
 
-def compression_section(compression: pd.DataFrame, summary: dict) -> Section:
+def compression_section(compression: pd.DataFrame, summary: dict, settings: CompressParams) -> Section:
     table = pd.DataFrame({
         "variant": compression["variant"],
         "format": compression["format"],
@@ -428,8 +423,8 @@ def compression_section(compression: pd.DataFrame, summary: dict) -> Section:
         "images/s": compression["images_per_second"].map("{:.0f}".format),
     })
     how = (f"Measured by stage compress on {summary['cpu']} with {summary['threads']} thread(s): latency is the "
-           f"median of {summary['latency_repeats']} single-image runs, images/s the throughput over the test split "
-           f"at batch {summary['batch_size']}, accuracy without test-time augmentation. The int8 backend is the "
+           f"median of {settings.latency_repeats} single-image runs, images/s the throughput over the test split "
+           f"at batch {settings.batch_size}, accuracy without test-time augmentation. The int8 backend is the "
            f"one this machine's torch offered ({summary['int8_backend']}): timings compare only within one machine.")
     return Section("Compressed variants", [table, how])
 
@@ -448,7 +443,7 @@ def learning_curves_section(picture: Picture, train_summary: dict) -> Section:
     return Section("Learning curves", [picture, last + ".", speed])
 
 
-def data_section(meta: dict, download: dict, augment: dict, preview: Picture) -> Section:
+def data_section(meta: dict, download: dict, augment: dict, settings: AugmentParams, preview: Picture) -> Section:
     facts = {
         "source": f"{meta['source']} ({meta['source_kind']})",
         "classes": f"{len(meta['classes'])}: {', '.join(meta['classes'])}",
@@ -456,8 +451,8 @@ def data_section(meta: dict, download: dict, augment: dict, preview: Picture) ->
         "train images": download["train_images"],
         "test images": download["test_images"],
         "skipped images": download["skipped_images"],
-        "augmentation policy": augment["policy"],
-        "augmented copies": f"{augment['copies']} per image, {augment['augmented_images']} images",
+        "augmentation policy": settings.policy,
+        "augmented copies": f"{settings.copies} per image, {augment['augmented_images']} images",
     }
     if meta["made_test_split"]:
         facts["test images"] = f"{download['test_images']} (split off the training images by download)"
@@ -481,8 +476,7 @@ def params_section(params: Params, trained_params: dict) -> Section:
 
 def params_drift(current: dict, trained: dict) -> list[str]:
     """The keys the model was trained with that params.yaml now sets otherwise."""
-    # `evaluate` is left out: it is read after training, so the checkpoint's copy says nothing.
-    sections = ("seed", "data", "augment", "train")
+    sections = ("seed", "train")  # what train read, and the checkpoint keeps
     now = pd.json_normalize({key: current[key] for key in sections}).iloc[0].to_dict()
     then = pd.json_normalize({key: trained.get(key) for key in sections}).iloc[0].to_dict()
     return [f"{key} was {then.get(key)!r}, is {value!r}" for key, value in now.items() if then.get(key) != value]

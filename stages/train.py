@@ -5,7 +5,7 @@
 Reads params `seed`, `train` (with the preset it names under `presets`).
 Per-epoch loss and accuracy go through DVCLive to <live>/plots/metrics/; the run's summary
 (train_seconds, images_per_second, device, precision, ...) to <live>/metrics.json, and the
-recipe that ran (`train.preset` resolved) to <live>/recipe.json.
+recipe that ran (`train.preset` resolved) to <live>/params.yaml, as DVCLive logs params.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.models import Classifier, ConvNet, build_model, save_checkpoint, smallest_image_side
-from stages.outputs import write_json
+from stages.models import (Classifier, ConvNet, as_images_nchw, as_unit_floats, build_model, save_checkpoint,
+                           smallest_image_side)
+from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
 from stages.pretrained import load_initial_weights
 
@@ -74,7 +75,12 @@ def main() -> None:
     log.info("training %s (%.2fM parameters) on %d images, %s, %d threads", settings.model,
              count_parameters(model) / 1e6, len(train_set.labels), compute.describe(), torch.get_num_threads())
 
-    with Live(args.live, dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    # DVCLive writes into a hidden folder that becomes <live> at the end: a run killed midway
+    # leaves no curves or summary that look like a finished run's.
+    with atomic_folder(args.live) as live_folder, Live(live_folder, dvcyaml=False, save_dvc_exp=False,
+                                                       report=None) as live:
+        # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
+        live.log_params(settings.model_dump(mode="json"))
         train_seconds = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
         images_seen = len(train_set.labels) * settings.epochs
         summary = {
@@ -89,8 +95,6 @@ def main() -> None:
         for name, value in summary.items():
             live.log_metric(name, value, plot=False)
 
-    # The recipe that ran, preset resolved, as a metrics file: `dvc exp show` lists what ran.
-    write_json(Path(args.live) / "recipe.json", settings.model_dump(mode="json"))
     description = describe_run(model, classes, train_set.images.shape[-1], params, compute, summary)
     description["initial_weights"] = initial_weights  # the file and its sha256: `dvc repro` does not watch it
     save_checkpoint(Path(args.model), model, description)
@@ -121,24 +125,18 @@ def load_training_set(prepared: Path, augmented: Path, compute: Compute) -> Imag
 
 
 def to_image_set(split, compute: Compute) -> ImageSet:
-    return to_image_set_arrays(np.array(split.images), split.labels, compute)
+    return to_image_set_arrays(split.images, split.labels, compute)
 
 
 def to_image_set_arrays(images: np.ndarray, labels: np.ndarray, compute: Compute) -> ImageSet:
-    # NHWC bytes viewed as NCHW are exactly torch's channels_last layout: no copy, and the
-    # convolutions' fastest CPU path. On a GPU the whole (uint8) set moves there once.
-    images_nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return ImageSet(images_nchw.to(compute.device), torch.from_numpy(labels).to(compute.device))
+    # Kept as uint8, a quarter of the floats' memory; on a GPU the whole set moves there once.
+    return ImageSet(as_images_nchw(images).to(compute.device), torch.from_numpy(labels).to(compute.device))
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
     """Index batches of near-equal size: a shuffled order when given a generator."""
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     return list(torch.tensor_split(order, math.ceil(count / batch_size)))
-
-
-def as_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255)
 
 
 # --- model, optimiser, schedule, loss ------------------------------------------------------
@@ -148,7 +146,7 @@ def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet)
     # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
     # first images can be a few classes only, and the statistics and whitening would be theirs.
     stride = math.ceil(len(train_set.images) / NORMALIZATION_SAMPLE)
-    sample = as_float(train_set.images[::stride].cpu())
+    sample = as_unit_floats(train_set.images[::stride].cpu())
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     model = build_model(settings.model, len(classes), train_set.images.shape[-1], settings.widths, mean, std)
@@ -408,7 +406,7 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: Tr
     total_correct = torch.zeros((), device=compute.device)
     for indices in tqdm(batches(len(train_set.labels), settings.batch_size, generator), desc=f"epoch {epoch}",
                         leave=False, disable=None):
-        images = as_float(train_set.images[indices.to(compute.device)])
+        images = as_unit_floats(train_set.images[indices.to(compute.device)])
         images = random_crop(flips.apply(images, indices, epoch), settings.translate, generator)
         if side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
@@ -497,7 +495,7 @@ def measure(model: Classifier, image_set: ImageSet, compute: Compute, loss_of, b
     for indices in batches(len(image_set.labels), batch_size, generator=None):
         indices = indices.to(compute.device)
         with compute.autocast():
-            logits = model(as_float(image_set.images[indices]))
+            logits = model(as_unit_floats(image_set.images[indices]))
         labels = image_set.labels[indices]
         total_loss += loss_of(logits, labels).item() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -513,7 +511,7 @@ def describe_run(model: Classifier, classes: list[str], image_size: int, params:
         "classes": list(classes),
         "image_size": image_size,
         "normalization": {"mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()},
-        "params": params.model_dump(mode="json"),
+        "params": {"seed": params.seed, "train": params.train.model_dump(mode="json")},  # what train read
         "compute": {"device": compute.device.type, "precision": compute.precision},
         "summary": summary,
         "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only refuses it

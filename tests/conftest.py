@@ -22,6 +22,8 @@ from datamaker import PROJECT_ROOT, make_image_folder, write_params
 # The tests import `stages` from this checkout, as the stage subprocesses do, installed or not.
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.processes import stage_command  # noqa: E402  (from the checkout, as above)
+
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 TINY_CLASSES = ("cat", "dog", "owl")
@@ -85,12 +87,28 @@ class Project:
             timeout=120,
         )
 
+    def run_stage(self, stage: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+        """The stage with dvc.yaml's command line, run in the project; from another cwd, with its paths
+        made absolute."""
+        _python, _dash_m, module, *args = stage_command(stage)
+        if cwd is not None:
+            args = [arg if arg.startswith("-") else str(self.root / arg) for arg in args]
+        return self.run(module, *args, cwd=cwd, env=env)
+
     def download(self, cwd: Path | None = None, env: dict[str, str] | None = None):
-        """The download stage, with dvc.yaml's arguments made absolute."""
-        return self.run(
-            "stages.download", "--raw", str(self.raw), "--out", str(self.prepared), "--stats", str(self.stats),
-            cwd=cwd, env=env,
-        )
+        return self.run_stage("download", cwd=cwd, env=env)
+
+    def augment(self):
+        return self.run_stage("augment", env=ONE_THREAD)
+
+    def train(self):
+        return self.run_stage("train")
+
+    def evaluate(self):
+        return self.run_stage("evaluate", env=ONE_THREAD)
+
+    def compress(self):
+        return self.run_stage("compress", env=ONE_THREAD)
 
     @property
     def augmented(self) -> Path:
@@ -103,31 +121,6 @@ class Project:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
-
-    def augment(self):
-        """The augment stage with dvc.yaml's command line, run in the project."""
-        return self.run(
-            "stages.augment", "data/prepared", "data/augmented",
-            "--preview", "reports/augment_preview.png", "--stats", "reports/augment.json", env=ONE_THREAD,
-        )
-
-    def train(self):
-        """The train stage with dvc.yaml's command line, run in the project."""
-        return self.run("stages.train", "data/prepared", "data/augmented", "models/model.pt", "--live", "reports/train")
-
-    def evaluate(self):
-        """The evaluate stage with dvc.yaml's command line, run in the project."""
-        return self.run(
-            "stages.evaluate", "models/model.pt", "data/prepared", "--metrics", "reports/metrics.json",
-            "--per-class", "reports/per_class.csv", "--predictions", "reports/predictions.csv", env=ONE_THREAD,
-        )
-
-    def compress(self):
-        """The compress stage with dvc.yaml's command line, run in the project."""
-        return self.run(
-            "stages.compress", "models/model.pt", "data/prepared", "--out", "models/compressed",
-            "--table", "reports/compression.csv", "--metrics", "reports/compression.json", env=ONE_THREAD,
-        )
 
     def copy(self, root: Path, *paths: str) -> Project:
         """A new project in root holding copies of these files and folders of this one."""

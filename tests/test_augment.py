@@ -60,7 +60,7 @@ def test_copies_0_write_only_meta_json_and_still_the_preview_and_the_stats(rerun
     assert (meta["copies"], meta["count"], meta["counts"]) == (0, 0, {})
     assert Image.open(project.reports / "augment_preview.png").format == "PNG"
     stats = json.loads((project.reports / "augment.json").read_text())
-    assert (stats["copies"], stats["policy"], stats["augmented_images"]) == (0, "none", 0)
+    assert stats["augmented_images"] == 0
 
 
 def test_two_trivialaugment_copies_are_2n_images_of_the_prepared_shape_with_labels_tiled_in_order(augmented_project):
@@ -76,7 +76,7 @@ def test_two_trivialaugment_copies_are_2n_images_of_the_prepared_shape_with_labe
     assert (first != second).any(axis=(1, 2, 3)).mean() > 0.5, "the two copies of an image differ"
     assert load_meta(augmented_project.augmented)["count"] == 2 * len(train.labels)
     stats = json.loads((augmented_project.reports / "augment.json").read_text())
-    assert (stats["copies"], stats["policy"], stats["augmented_images"]) == (2, "trivialaugment", 60)
+    assert stats["augmented_images"] == 60
 
 
 # The other policies through the stage's own functions, in this process: a stage run each

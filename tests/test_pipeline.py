@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from bench.processes import stage_command
 from datamaker import make_image_folder, make_tar_gz
+from test_stage_declarations import imported_project_files
 
 PROJECT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "augment", "train", "evaluate", "compress", "report")
+STAGES = list(YAML(typ="safe", pure=True).load(PROJECT / "dvc.yaml")["stages"])  # in the order they run
 
 # Small enough to run every stage in seconds on 2 cores, big enough to exercise everything.
 TINY_PARAMS = {
@@ -111,8 +113,78 @@ def test_repro_writes_metrics_tables_plots_and_both_reports(repo: Path):
     assert [row["variant"] for row in compression] == ["fp32", "int8", "pruned", "bf16", "exported"]
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "train_seconds" in shown and "f1_macro" in shown and "int8_backend" in shown
-    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
-    assert "predictions.csv" in plots and "accuracy.tsv" in plots
+
+
+def test_every_declared_plot_renders_with_data(repo: Path):
+    declared = [next(iter(plot)) for plot in YAML(typ="safe", pure=True).load(repo / "dvc.yaml")["plots"]]
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    for plot in declared:
+        (rendered,) = shown["data"][plot]
+        assert rendered["content"]["data"]["values"], f"plot {plot!r} has no data"
+
+
+# Runs a stage as `python -m` would, recording which sections of params.yaml it reads: load_params
+# is wrapped before the stage module imports it. Reading `train` reads `presets` too (train is
+# resolved against its preset); a whole dump reads every section.
+TRACE_PARAMS = """
+import json, runpy, sys
+import stages.params
+
+read = set()
+
+class Traced:
+    def __init__(self, params):
+        self._params = params
+
+    def __getattr__(self, name):
+        fields = type(self._params).model_fields
+        read.update(fields if name.startswith("model_dump") else {name} & set(fields))
+        return getattr(self._params, name)
+
+real_load_params = stages.params.load_params
+stages.params.load_params = lambda *args, **kwargs: Traced(real_load_params(*args, **kwargs))
+out, module, *sys.argv[1:] = sys.argv[1:]
+sys.argv[0] = module
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    sections = read | ({"presets"} if "train" in read else set())
+    open(out, "w").write(json.dumps(sorted(sections)))
+"""
+
+
+def test_every_stage_declares_the_params_sections_it_reads(repo: Path, tmp_path: Path):
+    # In a copy beside the repo (its data source, ../images.tar.gz, is found there too), so that the
+    # repo's own outputs stay as `dvc repro` wrote them.
+    traced = repo.parent / "traced"
+    shutil.copytree(repo, traced, ignore=shutil.ignore_patterns(".git", ".dvc"))
+    declared = YAML(typ="safe", pure=True).load(repo / "dvc.yaml")["stages"]
+    problems = []
+    for stage in STAGES:
+        _python, _dash_m, module, *args = stage_command(stage)
+        sections = tmp_path / f"{stage}.json"
+        run([sys.executable, "-c", TRACE_PARAMS, str(sections), module, *args], traced)
+        read, listed = set(json.loads(sections.read_text())), set(declared[stage].get("params", []))
+        problems += [f"stage {stage} reads params section {name!r} but dvc.yaml does not declare it"
+                     for name in sorted(read - listed)]
+        problems += [f"stage {stage} declares params section {name!r} but does not read it"
+                     for name in sorted(listed - read)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", ["stages/models.py", "stages/pretrained.py", "stages/params.py",
+                                    "stages/datasets.py"])
+def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(repo: Path, module: str):
+    importers = {stage for stage in STAGES if PROJECT / module in imported_project_files(stage_command(stage)[2])}
+    with open(repo / module, "a") as file:
+        file.write("# edited\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    finally:
+        run(["git", "checkout", "--", module], repo)
+    assert set(status) == importers, status
+    assert all({"changed deps": {module: "modified"}} in changes for changes in status.values())
 
 
 def test_second_repro_does_nothing(repo: Path):
@@ -152,9 +224,19 @@ def test_exp_show_compares_the_experiments(repo: Path):
     assert adam["params"]["params.yaml"]["data"]["train"]["optimizer"] == "adam"
     assert "accuracy" in adam["metrics"]["reports/metrics.json"]["data"]
     assert "accuracy" in adam["metrics"]["reports/compression.json"]["data"]["int8"]
-    # The recipe that ran, preset resolved, is a column too.
-    recipe = adam["metrics"]["reports/train/recipe.json"]["data"]
+    # The recipe that ran, preset resolved, is listed among the params, and the metrics are results only.
+    recipe = adam["params"]["reports/train/params.yaml"]["data"]
     assert (recipe["preset"], recipe["optimizer"], recipe["epochs"]) == ("default", "adam", 2)
+    assert not [name for name in adam["metrics"] if "recipe" in name or "params" in name]
+
+
+def test_plots_diff_between_two_experiments_renders_every_plot_without_error(repo: Path):
+    diffed = json.loads(run(["dvc", "plots", "diff", "adam", "copies", "--json"], repo).stdout)
+    assert not diffed.get("errors"), diffed["errors"]
+    declared = [next(iter(plot)) for plot in YAML(typ="safe", pure=True).load(repo / "dvc.yaml")["plots"]]
+    for plot in declared:
+        revisions = {value["rev"] for rendered in diffed["data"][plot] for value in rendered["content"]["data"]["values"]}
+        assert revisions == {"adam", "copies"}, plot
 
 
 def test_queued_sweep_with_a_relative_source_outside_the_project_runs(repo: Path):

@@ -68,7 +68,7 @@ def write_upstream_reports(reports: Path, rng: np.random.Generator) -> None:
     (reports / "download.json").write_text(json.dumps(
         {"download_seconds": 1.5, "train_images": 12, "test_images": 30, "skipped_images": 0}))
     (reports / "augment.json").write_text(json.dumps(
-        {"augment_seconds": 0.25, "copies": 0, "policy": "none", "augmented_images": 0}))
+        {"augment_seconds": 0.25, "augmented_images": 0}))
     Image.fromarray(rng.integers(0, 256, (34, 34, 3), dtype=np.uint8)).save(reports / "augment_preview.png")
 
 
@@ -116,7 +116,7 @@ def write_evaluation(reports: Path) -> None:
         "accuracy": accuracy_score(actual, predicted),
         "precision_macro": macro[0], "recall_macro": macro[1], "f1_macro": macro[2],
         "precision_weighted": weighted[0], "recall_weighted": weighted[1], "f1_weighted": weighted[2],
-        "test_images": 30, "eval_seconds": 0.75, "tta": "flip",
+        "test_images": 30, "eval_seconds": 0.75,
     }))
 
 
@@ -130,7 +130,7 @@ def write_compression(reports: Path) -> None:
         "size_ratio": [1.0, 0.2667], "speedup": [1.0, 4.0], "accuracy_change": [0.0, -0.0333],
     }).to_csv(reports / "compression.csv", index=False)
     (reports / "compression.json").write_text(json.dumps({
-        "cpu": "Tiny CPU 3000", "threads": 1, "int8_backend": "x86", "batch_size": 256, "latency_repeats": 50,
+        "cpu": "Tiny CPU 3000", "threads": 1, "int8_backend": "x86",
         "fp32": {"accuracy": 0.8}, "int8": {"accuracy": 0.7667},
     }))
 
