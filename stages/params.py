@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Literal
+from types import SimpleNamespace
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, create_model, model_validator
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -34,6 +35,8 @@ COMPRESSED_VARIANTS = ("int8", "pruned", "bf16", "fp16", "exported")
 INT8_BACKENDS = ("auto", "x86", "fbgemm", "onednn", "qnnpack")
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# Under train:, `none` switches off a key its preset sets (null there means "the preset's value").
+OFF = "none"
 
 
 class Section(BaseModel):
@@ -121,38 +124,40 @@ TrainSection = create_model(
 )
 
 
-class TrainParams(Recipe, Machine):
-    """`train:` resolved: the preset's recipe with the explicit keys written over it."""
+NULLABLE = tuple(name for name, field in Recipe.model_fields.items() if type(None) in get_args(field.annotation))
 
-    @model_validator(mode="after")
-    def check_combinations(self) -> TrainParams:
-        if self.model == "convnet" and self.widths is None:
-            raise ValueError("train.widths must be three block widths for the convnet model (e.g. [64, 128, 256])")
-        if self.model == "convnet" and self.batchnorm_momentum is None:
-            raise ValueError("train.batchnorm_momentum must be set for the convnet model (PyTorch's default is 0.1)")
-        if self.optimizer in ("sgd", "muon") and self.nesterov and self.momentum == 0:
-            raise ValueError("train.nesterov is true but train.momentum is 0: Nesterov SGD needs momentum > 0")
-        if (self.resize_from is None) != (self.resize_epochs is None):
-            raise ValueError("train.resize_from and train.resize_epochs go together: set both (progressive resizing) "
-                             "or neither")
-        if self.model == "lenet" and self.resize_from is not None:
-            # Its fully connected layers are sized for data.image_size; a smaller image would not fit them.
-            raise ValueError("train.model lenet takes images of data.image_size only, so no progressive resizing: "
-                             "set train.resize_from and train.resize_epochs to null, or use another model")
-        if self.optimizer == "muon":
-            if self.model != "convnet":
-                # Its filter renormalisation and learning rates are airbench's, made for convnet.
-                raise ValueError(f"train.optimizer muon trains the convnet model only, not {self.model} "
-                                 "(use sgd, adam or rmsprop)")
-            if self.muon_momentum is None or self.muon_ns_steps is None:
-                raise ValueError("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
-                                 "(e.g. 0.6 and 3)")
-        if self.weights == IMAGENET and self.model not in TORCHVISION_MODELS:
-            raise ValueError(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for "
-                             f"{', '.join(TORCHVISION_MODELS)}, not {self.model}; give a weights file's path, or {RANDOM!r}")
-        if self.loss == "mse" and self.label_smoothing > 0:
-            raise ValueError("train.label_smoothing applies to cross_entropy only; set it to 0 with loss: mse")
-        return self
+
+class TrainParams(Recipe, Machine):
+    """`train:` resolved: the preset's recipe with the explicit keys written over it (see `resolve_train`)."""
+
+    @computed_field
+    @property
+    def unused(self) -> list[str]:
+        """Keys the preset sets that the model, optimizer or loss chosen does not use: listed in the recipe
+        train logs, rather than silently ignored (written under train:, such a key is refused instead)."""
+        return [key for key, (_, used) in USED_BY.items() if is_set(getattr(self, key)) and not used(self)]
+
+
+# Recipe keys that only some models, optimizers or losses use: what uses each, in words and as a test.
+USED_BY = {
+    "widths": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
+    "whiten_bias_epochs": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
+    "batchnorm_momentum": ("models with BatchNorm", lambda recipe: recipe.model in BATCHNORM_MODELS),
+    "frozen_batchnorm_scale": ("models with BatchNorm", lambda recipe: recipe.model in BATCHNORM_MODELS),
+    "muon_momentum": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
+    "muon_ns_steps": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
+    "momentum": ("train.optimizer sgd, rmsprop or muon", lambda recipe: recipe.optimizer != "adam"),
+    "nesterov": ("train.optimizer sgd or muon", lambda recipe: recipe.optimizer in ("sgd", "muon")),
+    "label_smoothing": ("train.loss cross_entropy", lambda recipe: recipe.loss == "cross_entropy"),
+}
+BATCHNORM_MODELS = ("convnet", *TORCHVISION_MODELS)
+# A preset tunes these for its model: they are not carried over to another one.
+ARCHITECTURE_KEYS = ("widths", "whiten_bias_epochs", "batchnorm_momentum", "frozen_batchnorm_scale")
+
+
+def is_set(value) -> bool:
+    """Whether a recipe key does anything: null, false and 0 are off."""
+    return value is not None and value is not False and value != 0
 
 
 class EvaluateParams(Section):
@@ -213,29 +218,200 @@ class ParamsError(StageError):
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; raise ParamsError naming every key at fault."""
+    """Read and validate params.yaml; raise ParamsError naming every key at fault, with a fix where one is sure."""
     raw = read_yaml(Path(path))
+    written, switched_off = validate_file(raw, path)
+    resolved, problems = resolve_train(written, switched_off)
+    if problems:
+        raise ParamsError(not_valid(path, problems, suggested_fix(raw, written, switched_off)))
+    return Params.model_validate({**written.model_dump(exclude={"presets", "train"}), "train": resolved})
+
+
+def validate_file(raw: dict, path: str | Path) -> tuple[ParamsFile, set[str]]:
+    """params.yaml checked against the schema; and the recipe keys switched off under train: with `none`."""
+    train = raw.get("train")
+    switched_off = {key for key in NULLABLE if isinstance(train, dict) and train.get(key) == OFF}
+    if switched_off:
+        raw = {**raw, "train": {**train, **dict.fromkeys(switched_off)}}
     try:
-        written = ParamsFile.model_validate(raw)
-        return Params.model_validate({**written.model_dump(exclude={"presets", "train"}), "train": resolve_train(written)})
+        return ParamsFile.model_validate(raw), switched_off
     except ValidationError as error:
-        problems = "\n".join(f"  - {describe(problem)}" for problem in error.errors())
-        raise ParamsError(f"{path} is not valid:\n{problems}") from None
+        raise ParamsError(not_valid(path, [describe(problem) for problem in error.errors()])) from None
 
 
-def resolve_train(written: ParamsFile) -> dict:
-    """The chosen preset's recipe, with every recipe key written under `train:` taking precedence."""
+def not_valid(path: str | Path, problems: list[str], fix: str | None = None) -> str:
+    return f"{path} is not valid:" + "".join(f"\n  - {problem}" for problem in problems) + (f"\n  {fix}" if fix else "")
+
+
+# --- train: resolved against its preset ----------------------------------------------------
+
+
+def resolve_train(written: ParamsFile, switched_off: set[str]) -> tuple[dict, list[str]]:
+    """The chosen preset's recipe with every key written under `train:` taking precedence (null: the preset's
+    value; `none`: off), and every reason it cannot run as written, all of them."""
     name = written.train.preset
     if name not in written.presets:
-        raise ParamsError(f"train.preset: must be one of the presets defined in params.yaml: "
-                          f"{', '.join(written.presets)} (got {name!r})")
-    overrides = written.train.model_dump(exclude_none=True)  # null: the preset's value
-    recipe = written.presets[name].model_dump()
-    if overrides.get("optimizer", recipe["optimizer"]) != recipe["optimizer"]:
+        return {}, [f"train.preset: must be one of the presets defined in params.yaml: {', '.join(written.presets)} "
+                    f"(got {name!r})"]
+    preset = written.presets[name]
+    explicit = written.train.model_dump(exclude_none=True) | dict.fromkeys(switched_off)
+    recipe = preset.model_dump()
+    if explicit.get("optimizer", preset.optimizer) != preset.optimizer:
         # A preset's head and bias lrs are tuned for its optimizer (Muon's SGD part takes lrs in
         # the hundreds): with another optimizer they follow train.lr unless set as well.
         recipe |= {"head_lr": None, "bias_lr": None}
-    return {**recipe, **overrides}
+    resolved = {**recipe, **explicit}
+    return resolved, recipe_problems(SimpleNamespace(**resolved), name, preset, set(explicit))
+
+
+def recipe_problems(recipe: SimpleNamespace, name: str, preset: Recipe, explicit: set[str]) -> list[str]:
+    """What in the resolved recipe does not fit together, each with the keys it names."""
+    problems, covered = carried_to_another_model(recipe, name, preset, explicit)
+    if "optimizer" in explicit and recipe.optimizer != preset.optimizer and "lr" not in explicit:
+        problems.append(f"train.optimizer is {recipe.optimizer}, but train.lr {recipe.lr} is preset {name}'s for "
+                        f"{preset.optimizer}: set train.lr for {recipe.optimizer} too (e.g. `-S train.lr=0.01`)")
+    for key in sorted(explicit & set(USED_BY)):
+        who, used = USED_BY[key]
+        if is_set(getattr(recipe, key)) and not used(recipe):
+            problems.append(f"train.{key} is set under train: ({as_yaml(getattr(recipe, key))}), but only {who} uses it "
+                            f"(train.model is {recipe.model}, train.optimizer {recipe.optimizer}, train.loss "
+                            f"{recipe.loss}): remove it (null)")
+    if recipe.optimizer == "muon" and recipe.model != "convnet" and "optimizer" not in covered:
+        # Its filter renormalisation and learning rates are airbench's, made for convnet.
+        problems.append(f"train.optimizer muon trains the convnet model only, not {recipe.model} "
+                        "(use sgd, adam or rmsprop)")
+    if recipe.model == "lenet" and recipe.resize_from is not None and "resize_from" not in covered:
+        # Its fully connected layers are sized for data.image_size; a smaller image would not fit them.
+        problems.append("train.model lenet takes images of data.image_size only, so no progressive resizing: "
+                        "switch it off (`-S train.resize_from=none -S train.resize_epochs=none`)")
+    return problems + requirement_problems(recipe)
+
+
+def carried_to_another_model(recipe: SimpleNamespace, name: str, preset: Recipe, explicit: set[str]
+                             ) -> tuple[list[str], set[str]]:
+    """A preset is a recipe for its model: written under train:, another model does not silently inherit the
+    keys the preset tuned for its own. The problem, and the keys it covers."""
+    if "model" not in explicit or recipe.model == preset.model:
+        return [], set()
+    inherited = [key for key in ARCHITECTURE_KEYS if key not in explicit and is_set(getattr(preset, key))]
+    reasons = [f"its {', '.join(f'{key} {as_yaml(getattr(preset, key))}' for key in inherited)} are {preset.model}'s"] \
+        if inherited else []
+    if "optimizer" not in explicit and preset.optimizer == "muon" and recipe.model != "convnet":
+        inherited.append("optimizer")
+        reasons.append("its optimizer muon trains convnet only")
+    if "resize_from" not in explicit and preset.resize_from is not None and recipe.model == "lenet":
+        inherited.append("resize_from")
+        reasons.append(f"its progressive resizing (resize_from {preset.resize_from}) does not fit lenet, whose "
+                       "layers are sized for data.image_size")
+    if not reasons:
+        return [], set()
+    return [f"train.model is {recipe.model}, but preset {name} is a recipe for {preset.model}: "
+            f"{'; '.join(reasons)}"], set(inherited)
+
+
+def requirement_problems(recipe: SimpleNamespace) -> list[str]:
+    """Keys that the recipe's other keys need."""
+    problems = []
+    if recipe.model == "convnet" and recipe.widths is None:
+        problems.append("train.widths must be three block widths for the convnet model (e.g. `-S train.widths=[64,128,256]`)")
+    if recipe.model == "convnet" and recipe.batchnorm_momentum is None:
+        problems.append("train.batchnorm_momentum must be set for the convnet model (PyTorch's default is 0.1)")
+    if recipe.optimizer in ("sgd", "muon") and recipe.nesterov and recipe.momentum == 0:
+        problems.append("train.nesterov is true but train.momentum is 0: Nesterov SGD needs momentum > 0")
+    if (recipe.resize_from is None) != (recipe.resize_epochs is None):
+        problems.append("train.resize_from and train.resize_epochs go together: set both (progressive resizing) "
+                        "or neither (none)")
+    if recipe.optimizer == "muon" and (recipe.muon_momentum is None or recipe.muon_ns_steps is None):
+        problems.append("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
+                        "(e.g. 0.6 and 3)")
+    if recipe.weights == IMAGENET and recipe.model not in TORCHVISION_MODELS:
+        problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for "
+                        f"{', '.join(TORCHVISION_MODELS)}, not {recipe.model}; give a weights file's path, or {RANDOM!r}")
+    return problems
+
+
+def suggested_fix(raw: dict, written: ParamsFile, switched_off: set[str]) -> str | None:
+    """One line of `-S` settings that makes the recipe valid, checked here before it is offered: a preset made
+    for the model asked for, or the preset kept with the keys that do not fit it switched back or off."""
+    train = written.train
+    if train.preset not in written.presets:
+        return None
+    preset = written.presets[train.preset]
+    model = train.model or preset.model
+    explicit = set(train.model_dump(exclude_none=True)) | switched_off
+    # Presets made for the model first, then any other that fits it (finetune's keys fit every torchvision model).
+    others = sorted((other for other in written.presets if other != train.preset),
+                    key=lambda other: written.presets[other].model != model)
+    candidates = [(fits_preset_for(other, written.presets[other], preset, explicit),
+                   f"preset {other} is made for {model}" if written.presets[other].model == model else
+                   f"preset {other}, made for {written.presets[other].model}, fits {model} too")
+                  for other in others if train.optimizer is None or written.presets[other].optimizer == train.optimizer]
+    # The preset kept comes first unless the model asked for is another than the one it was made for.
+    kept = ({}, f"preset {train.preset} kept")
+    candidates = candidates + [kept] if model != preset.model else [kept, *candidates]
+    for settings, why in candidates:
+        settings = settings | unfitting_keys_off(raw, settings, explicit)
+        if settings and recipe_is_valid(raw, settings):
+            options = " ".join(f"-S train.{key}={as_yaml(value)}" for key, value in settings.items())
+            return (f"fix, checked against the rest of params.yaml: `{options}` ({why}); with `dvc exp run`, or "
+                    "the same keys under train: in params.yaml")
+    return None
+
+
+def fits_preset_for(other: str, recipe: Recipe, current: Recipe, explicit: set[str]) -> dict:
+    """Settings that switch to preset `other` but keep where training starts, if the current one starts
+    from scratch and `other` from downloaded weights."""
+    settings = {"preset": other}
+    if "weights" not in explicit and current.weights == RANDOM and recipe.weights != RANDOM:
+        settings |= {"weights": RANDOM, "freeze_epochs": 0}  # a random backbone is not worth freezing
+    return settings
+
+
+def unfitting_keys_off(raw: dict, settings: dict, explicit: set[str]) -> dict:
+    """After `settings`, the keys written under train: that the recipe would not use, back to null (their
+    preset's value); and, keeping a preset made for another model, its architecture's keys off."""
+    trial = {**raw, "train": {**raw["train"], **settings}}
+    try:
+        written, switched_off = validate_file(trial, "")
+    except ParamsError:
+        return {}
+    resolved, _ = resolve_train(written, switched_off)
+    if not resolved:
+        return {}
+    recipe = SimpleNamespace(**resolved)
+    preset = written.presets[written.train.preset]
+    off = {}
+    for key in explicit - set(settings):
+        if key in USED_BY and is_set(getattr(recipe, key)) and not USED_BY[key][1](recipe):
+            off[key] = None  # the preset's value: one it sets that the recipe does not use is only reported
+    if "model" in explicit and recipe.model != preset.model and "preset" not in settings:
+        for key in ARCHITECTURE_KEYS:
+            if key not in explicit and is_set(getattr(preset, key)):
+                off[key] = OFF if key in NULLABLE else False
+    if recipe.model == "lenet" and recipe.resize_from is not None:
+        off |= {"resize_from": OFF, "resize_epochs": OFF}
+    return off
+
+
+def recipe_is_valid(raw: dict, settings: dict) -> bool:
+    trial = {**raw, "train": {**raw["train"], **settings}}
+    try:
+        written, switched_off = validate_file(trial, "")
+    except ParamsError:
+        return False
+    resolved, problems = resolve_train(written, switched_off)
+    return not problems
+
+
+def as_yaml(value) -> str:
+    """A value as `dvc exp run -S key=value` writes it: YAML in flow style."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(as_yaml(item) for item in value) + "]"
+    return str(value)
 
 
 def read_yaml(path: Path) -> dict:
@@ -266,6 +442,8 @@ def describe(problem: dict) -> str:
         # Our own cross-field checks already name their keys.
         return str(problem["ctx"]["error"])
     message = problem["msg"].replace("Input should be", "must be")
+    if given == OFF and problem["loc"][0] == "train":
+        message += f"; `{OFF}` switches off only the keys that may be null ({', '.join(NULLABLE)})"
     return f"{key}: {message} (got {given!r})"
 
 

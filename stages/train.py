@@ -72,6 +72,9 @@ def main() -> None:
     if settings.resize_from is not None and settings.resize_from < smallest:
         raise StageError(f"train.resize_from is {settings.resize_from}, but train.model {settings.model} needs images "
                          f"of side ≥ {smallest}")
+    if settings.unused:
+        log.info("not used by this recipe (set by preset %s): %s", settings.preset,
+                 ", ".join(f"{key} {getattr(settings, key)}" for key in settings.unused))
     log.info("training %s (%.2fM parameters) on %d images, %s, %d threads", settings.model,
              count_parameters(model) / 1e6, len(train_set.labels), compute.describe(), torch.get_num_threads())
 

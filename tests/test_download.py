@@ -31,6 +31,7 @@ from datamaker import (
     write_tar_members,
     write_zip_members,
 )
+from bench.processes import stage_command
 from stages.cifar import OFFICIAL
 from stages.datasets import load_meta, load_split
 from stages.download import project_root, resolve_local
@@ -327,10 +328,8 @@ def test_the_stage_run_in_a_dvc_queue_copy_reads_sources_and_raw_archives_of_the
     project.write_params({"data.source": "images"})
     shutil.copy(project.root / "params.yaml", experiment_copy / "params.yaml")
 
-    result = project.run(
-        "stages.download", "--raw", "data/raw", "--out", "data/prepared", "--stats", "reports/download.json",
-        cwd=experiment_copy,
-    )
+    _python, _dash_m, module, *args = stage_command("download")  # its relative paths, as DVC runs it there
+    result = project.run(module, *args, cwd=experiment_copy)
 
     assert result.returncode == 0, result.stderr
     # Outputs go to the copy DVC collects them from; the source is the project's.

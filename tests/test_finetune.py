@@ -35,8 +35,7 @@ def torchvision_weights(architecture: str, path: Path, seed: int = 1) -> dict[st
 def trained_copy(augmented_project: Project, root: Path, overrides: dict, env: dict | None = None):
     project = augmented_project.copy(root, "data")
     project.write_params({**FINETUNE, **overrides})
-    return project, project.run("stages.train", "data/prepared", "data/augmented", "models/model.pt",
-                                "--live", "reports/train", env=env)
+    return project, project.run_stage("train", env=env)
 
 
 def backbone_of(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:

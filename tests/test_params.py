@@ -4,6 +4,7 @@ what is allowed."""
 from __future__ import annotations
 
 import pytest
+from ruamel.yaml import YAML
 
 from datamaker import PROJECT_ROOT, make_image_folder, project_params, write_params
 from stages.params import ParamsError, load_params
@@ -50,7 +51,7 @@ def test_the_project_params_yaml_is_valid_and_its_train_section_resolves_to_its_
         assert params.model_dump()[section] == written[section]
     preset = written["presets"][written["train"]["preset"]]
     explicit = {key: value for key, value in written["train"].items() if value is not None}
-    assert params.train.model_dump() == {**preset, **explicit}
+    assert params.train.model_dump() == {**preset, **explicit, "unused": []}
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
@@ -188,3 +189,66 @@ def test_another_optimizer_than_the_presets_drops_its_head_and_bias_lrs_unless_s
     assert (other.head_lr, other.bias_lr) == (None, None)  # train.lr for every group
     assert (both.head_lr, both.bias_lr) == (0.01, None)
     assert preset.optimizer == "muon" and preset.head_lr > 100
+
+
+# --- switching a recipe's key from the command line (`dvc exp run -S`) -------------------------
+
+
+def refusal(path) -> str:
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+    return str(refused.value)
+
+
+def fix_of(message: str) -> dict:
+    """The `-S key=value` settings of a refusal's fix line, as params.yaml keys."""
+    (line,) = [line for line in message.splitlines() if line.strip().startswith("fix, checked")]
+    options = line.split("`")[1].split()
+    settings = [option for option in options if option != "-S"]
+    return {key: YAML(typ="safe", pure=True).load(value) for key, _, value in (s.partition("=") for s in settings)}
+
+
+@pytest.mark.parametrize(("overrides", "reasons", "fix"), [
+    ({"train.model": "lenet"},
+     ["train.model is lenet, but preset default is a recipe for convnet: its widths [64,256,256], whiten_bias_epochs 3, "
+      "batchnorm_momentum 0.4, frozen_batchnorm_scale true are convnet's; its optimizer muon trains convnet only; "
+      "its progressive resizing (resize_from 20) does not fit lenet"],
+     {"train.preset": "lenet"}),
+    ({"train.model": "resnet18", "train.optimizer": "sgd"},
+     ["train.model is resnet18, but preset default is a recipe for convnet: its widths [64,256,256], "
+      "whiten_bias_epochs 3, batchnorm_momentum 0.4, frozen_batchnorm_scale true are convnet's",
+      "train.optimizer is sgd, but train.lr 0.17 is preset default's for muon: set train.lr for sgd too"],
+     {"train.preset": "finetune", "train.weights": "random", "train.freeze_epochs": 0}),
+    ({"train.model": "mobilenet_v3_small", "train.widths": [8, 16, 16]},
+     ["train.widths is set under train: ([8,16,16]), but only train.model convnet uses it"],
+     {"train.preset": "finetune", "train.weights": "random", "train.freeze_epochs": 0, "train.widths": None}),
+    ({"train.loss": "mse", "train.label_smoothing": 0.1},
+     ["train.label_smoothing is set under train: (0.1), but only train.loss cross_entropy uses it"],
+     {"train.label_smoothing": None}),
+], ids=["lenet", "resnet18-sgd", "mobilenet-with-widths", "mse-with-smoothing"])
+def test_a_key_switched_alone_is_refused_with_every_reason_and_a_fix_that_works(tmp_path, overrides, reasons, fix):
+    message = refusal(write_params(tmp_path, overrides))
+
+    for reason in reasons:
+        assert reason in message
+    assert fix_of(message) == fix
+    load_params(write_params(tmp_path, {**overrides, **fix}))  # the fix, typed as given, validates
+
+
+def test_none_switches_off_a_key_its_preset_sets(tmp_path):
+    settings = load_params(write_params(tmp_path, {"train.resize_from": "none", "train.resize_epochs": "none"})).train
+
+    assert (settings.preset, settings.resize_from, settings.resize_epochs) == ("default", None, None)
+
+
+def test_none_for_a_key_that_cannot_be_off_says_which_can(tmp_path):
+    message = refusal(write_params(tmp_path, {"train.lr": "none"}))
+
+    assert "train.lr: must be a valid number; `none` switches off only the keys that may be null (widths," in message
+
+
+def test_preset_keys_the_recipe_does_not_use_are_listed_in_it(tmp_path):
+    settings = load_params(write_params(tmp_path, {"train.optimizer": "adam", "train.lr": 0.003})).train
+
+    assert settings.unused == ["muon_momentum", "muon_ns_steps", "momentum", "nesterov"]
+    assert settings.model_dump()["unused"] == settings.unused  # so the recipe train logs names them

@@ -216,6 +216,23 @@ def test_a_typo_in_a_section_reruns_its_stage_and_is_refused(repo: Path):
     reset_workspace(repo)
 
 
+@pytest.mark.parametrize("switched", [["-S", "train.model=lenet"], ["-S", "train.model=resnet18", "-S", "train.optimizer=sgd"]],
+                         ids=["lenet", "resnet18-sgd"])
+def test_a_model_switched_alone_is_refused_with_a_fix_that_works_as_typed(repo: Path, switched: list[str]):
+    refused = run(["dvc", "exp", "run", *switched, "train"], repo, check=False)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "Traceback" not in output
+    (fix,) = [line for line in output.splitlines() if line.strip().startswith("fix, checked")]
+    typed = fix.split("`")[1].split()
+    reset_workspace(repo)
+
+    fixed = run(["dvc", "exp", "run", *switched, *typed, "train"], repo)
+    assert stages_run(fixed.stdout) == ["train"]
+    model = switched[1].split("=")[1]
+    assert f"training {model}" in fixed.stdout + fixed.stderr
+    reset_workspace(repo)
+
+
 def test_exp_show_compares_the_experiments(repo: Path):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     experiments = {exp["name"]: exp for baseline in shown for exp in baseline.get("experiments") or [] for exp in exp["revs"]}

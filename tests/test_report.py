@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
+from bench.processes import stage_command
 from stages.datasets import checksum_arrays
 from stages.models import build_model, save_checkpoint
 from stages.params import load_params
@@ -147,9 +148,8 @@ def make_project(root: Path) -> Path:
 
 
 def run_report(project: Path, **env: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "stages.report", "--prepared", "data/prepared", "--model", "models/model.pt",
-               "--reports", "reports", "--champion", "models/champion/metrics.json", "--markdown", "reports/report.md",
-               "--html", "reports/report.html"]
+    _python, *args = stage_command("report")
+    command = [sys.executable, *args]
     environment = {**os.environ, "PYTHONPATH": str(PROJECT), "GIT_CEILING_DIRECTORIES": str(project.parent), **env}
     return subprocess.run(command, cwd=project, env=environment, capture_output=True, text=True, timeout=120)
 
