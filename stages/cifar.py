@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from stages.errors import StageError
+from stages.image_folders import read_at_most
 
 
 @dataclass(frozen=True)
@@ -92,30 +93,34 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar_archive(archive_path: Path, spec: OfficialArchive) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Class names and {split: (images (N, 32, 32, 3) uint8, labels (N,) int64)}."""
+def read_cifar_archive(archive_path: Path, spec: OfficialArchive, max_bytes: int
+                       ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Class names and {split: (images (N, 32, 32, 3) uint8, labels (N,) int64)}; no member of more than
+    `max_bytes` is read."""
     try:
         with tarfile.open(archive_path, "r:*") as archive:
-            meta = _load_member(archive, f"{spec.folder}/{spec.meta_member}")
+            meta = _load_member(archive, f"{spec.folder}/{spec.meta_member}", max_bytes)
             classes = [name.decode() for name in meta[spec.names_key]]
             splits = {
-                "train": _load_batches(archive, spec, spec.train_members),
-                "test": _load_batches(archive, spec, (spec.test_member,)),
+                "train": _load_batches(archive, spec, spec.train_members, max_bytes),
+                "test": _load_batches(archive, spec, (spec.test_member,), max_bytes),
             }
     except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError, KeyError, ValueError) as error:
         raise StageError(f"{archive_path} is not a readable {spec.folder} archive: {error}") from None
     return classes, splits
 
 
-def _load_member(archive: tarfile.TarFile, name: str) -> dict:
+def _load_member(archive: tarfile.TarFile, name: str, max_bytes: int) -> dict:
     member = archive.extractfile(name)
     if member is None:
         raise KeyError(f"{name} is not a file")
-    return _ArraysOnlyUnpickler(io.BytesIO(member.read()), encoding="bytes").load()
+    payload = read_at_most(member, max_bytes, f"{archive.name}: member '{name}'", archive.getmember(name).size)
+    return _ArraysOnlyUnpickler(io.BytesIO(payload), encoding="bytes").load()
 
 
-def _load_batches(archive: tarfile.TarFile, spec: OfficialArchive, members: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    batches = [_load_member(archive, f"{spec.folder}/{member}") for member in members]
+def _load_batches(archive: tarfile.TarFile, spec: OfficialArchive, members: tuple[str, ...], max_bytes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    batches = [_load_member(archive, f"{spec.folder}/{member}", max_bytes) for member in members]
     # Rows are 3072 bytes: the red plane, then green, then blue, each 32x32 row-major.
     images = np.concatenate([np.asarray(batch[b"data"], dtype=np.uint8) for batch in batches])
     images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

@@ -174,7 +174,7 @@ def download(url: str, destination: Path, offline_hint: str) -> None:
 
 
 def prepare_cifar(archive: Path, spec: OfficialArchive, data: DataParams, writer: PreparedWriter) -> dict:
-    classes, splits = read_cifar_archive(archive, spec)
+    classes, splits = read_cifar_archive(archive, spec, data.max_member_bytes)
     for split, (images, labels) in splits.items():
         if data.image_size != 32:
             images = resize_images(images, data.image_size)
@@ -185,7 +185,7 @@ def prepare_cifar(archive: Path, spec: OfficialArchive, data: DataParams, writer
 
 
 def prepare_image_folder(path: Path, data: DataParams, seed: int, writer: PreparedWriter) -> dict:
-    source = open_image_folder(path)
+    source = open_image_folder(path, data.max_member_bytes)
     layout = plan_layout(source.listing(), source.label, data.test_fraction, seed)
     if len(layout.names["test"]) == 0:
         raise StageError(
@@ -214,7 +214,8 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
         for name, payload in source.read(set(slots)):
             split, index = slots[name]
             try:
-                arrays[split][index] = decode_image(payload, data.image_size, f"{source.label}: {name}")
+                arrays[split][index] = decode_image(payload, data.image_size, f"{source.label}: {name}",
+                                                    data.max_image_pixels)
             except BadImage as error:
                 if data.on_bad_image == "error":
                     raise StageError(f"{error}; fix or remove the file, or set data.on_bad_image: skip") from None

@@ -14,13 +14,16 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import stat
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -64,9 +67,10 @@ def is_archive(path: Path) -> bool:
 
 
 class FolderSource:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_bytes: int):
         self.root = root
         self.label = str(root)
+        self.max_bytes = max_bytes
 
     def listing(self) -> Listing:
         files, folders = [], set()
@@ -79,17 +83,20 @@ class FolderSource:
 
     def read(self, names: set[str]) -> Iterator[tuple[str, bytes]]:
         for name in sorted(names):
+            path = self.root / name
             try:
-                payload = (self.root / name).read_bytes()
+                with open(path, "rb") as file:
+                    payload = read_at_most(file, self.max_bytes, f"{path}", path.stat().st_size)
             except OSError as error:
-                raise StageError(f"{self.root / name}: cannot be read ({error})") from None
+                raise StageError(f"{path}: cannot be read ({error})") from None
             yield name, payload
 
 
 class TarSource:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_bytes: int):
         self.path = path
         self.label = str(path)
+        self.max_bytes = max_bytes
 
     def _open(self) -> tarfile.TarFile:
         try:
@@ -153,13 +160,14 @@ class TarSource:
             raise StageError(
                 f"{self.path}: member '{member.name}' links to '{member.linkname}', not a file in the archive"
             )
-        return file.read()
+        return read_at_most(file, self.max_bytes, f"{self.path}: member '{member.name}'", member.size)
 
 
 class ZipSource:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_bytes: int):
         self.path = path
         self.label = str(path)
+        self.max_bytes = max_bytes
 
     def _open(self) -> zipfile.ZipFile:
         try:
@@ -186,22 +194,41 @@ class ZipSource:
                 for info in archive.infolist():
                     name = safe_member_name(info.filename, self.path)
                     if name in names:
-                        yield name, archive.read(info)
+                        with archive.open(info) as file:
+                            yield name, read_at_most(file, self.max_bytes, f"{self.path}: member '{info.filename}'",
+                                                     info.file_size)
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
                 raise StageError(f"{self.path} is truncated or corrupt: {error}") from None
 
 
-def open_image_folder(path: Path) -> FolderSource | TarSource | ZipSource:
+def open_image_folder(path: Path, max_bytes: int) -> FolderSource | TarSource | ZipSource:
+    """The source at `path`, reading no file or member of more than `max_bytes` (data.max_member_bytes)."""
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, max_bytes)
     if path.name.lower().endswith(".zip"):
-        return ZipSource(path)
+        return ZipSource(path, max_bytes)
     if is_archive(path):
-        return TarSource(path)
+        return TarSource(path, max_bytes)
     raise StageError(
         f"data.source '{path}' is neither a folder nor an archive; "
         f"give a folder or a {'/'.join(ARCHIVE_SUFFIXES)} file laid out as train/<class>/*"
     )
+
+
+def read_at_most(file: BinaryIO, max_bytes: int, what: str, declared: int) -> bytes:
+    """The file's bytes, refused unread when its declared size passes `max_bytes`, and refused while reading
+    when more bytes come than that (a compressed member can lie, or expand a thousandfold)."""
+    if declared > max_bytes:
+        raise StageError(too_large(what, f"{declared:,} bytes", max_bytes))
+    payload = file.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise StageError(too_large(what, f"more than {max_bytes:,} bytes once uncompressed", max_bytes))
+    return payload
+
+
+def too_large(what: str, size: str, max_bytes: int) -> str:
+    return (f"{what} is {size}, over data.max_member_bytes ({max_bytes:,}): refused without reading it whole "
+            "(an image that large is rare, an archive bomb is not); raise data.max_member_bytes if it is an image")
 
 
 def safe_member_name(name: str, archive: Path) -> str:
@@ -305,19 +332,39 @@ def _stratified_layout(classes: list[str], per_class: dict[str, list[str]], test
 # --- decoding ------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
-    """(image_size, image_size, 3) uint8 RGB: shorter side resized, centre cropped."""
+def decode_image(data: bytes, image_size: int, name: str, max_pixels: int,
+                 limit_key: str = "data.max_image_pixels") -> np.ndarray:
+    """(image_size, image_size, 3) uint8 RGB: shorter side resized, centre cropped. An image of more than
+    `max_pixels` pixels is refused from its header, before anything is decoded."""
+    # Pillow's own guard against decompression bombs, which its plugins apply to every frame too,
+    # warns above this and refuses above twice this: at our limit it agrees with the check below.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage(over_pixel_limit(name, f"{width} × {height} = {width * height:,} pixels", max_pixels,
+                                                limit_key))
             # draft() lets the JPEG decoder scale down while decoding: large photos decode ~4x faster.
             image.draft("RGB", (image_size, image_size))
             image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos stand upright
             if image.size != (image_size, image_size):
                 image = ImageOps.fit(image, (image_size, image_size), Image.Resampling.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise BadImage(over_pixel_limit(name, size, max_pixels, limit_key)) from None
     except Image.UnidentifiedImageError:
         # Pillow's own message names its in-memory buffer, not the file.
         raise BadImage(f"{name}: cannot be decoded as an image (not a format Pillow reads, or not an image at all)"
                        ) from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError) as error:
         raise BadImage(f"{name}: cannot be decoded as an image ({error})") from None
+
+
+def over_pixel_limit(name: str, size: str, max_pixels: int, limit_key: str) -> str:
+    return f"{name}: {size}, over the {max_pixels:,} that {limit_key} allows (raise it to read this image)"

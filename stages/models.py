@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, strings and numbers, loadable with
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,16 @@ def smallest_image_side(architecture: str) -> int:
     return {"lenet": LeNet.MIN_IMAGE_SIZE, "convnet": ConvNet.MIN_IMAGE_SIZE}.get(architecture, 1)
 
 
+def why_torch_refused(error: Exception) -> str:
+    """torch.load's refusal in a few words. Its own message for a file that would run code advises loading
+    it with weights_only=False, which is what must not be done with a file from outside."""
+    code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if code:
+        return f"it would run {code.group(1)} when unpickled; nothing of it was run"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line[:200]}"
+
+
 def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:
     """Save weights plus what is needed to use them (see `load_checkpoint`), atomically."""
     checkpoint = {**description, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
@@ -208,11 +219,24 @@ def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """The model in eval mode and its description (classes, image_size, normalization, params, ...)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(
-        checkpoint["architecture"], len(checkpoint["classes"]), checkpoint["image_size"],
-        checkpoint["widths"], checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"],
-    )
-    model.load_state_dict(checkpoint.pop("state_dict"))
+    """The model in eval mode and its description (classes, image_size, normalization, params, ...).
+
+    A model file may come from anywhere (a download, a colleague, a replaced champion): it is read with
+    `weights_only`, so that nothing in it runs as code, and anything but a checkpoint of this pipeline
+    is refused in one line naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises pickle, zip and runtime errors alike for a file it refuses
+        raise StageError(f"{path} is not a model checkpoint this pipeline can load ({why_torch_refused(error)}); "
+                         "give a models/model.pt that stage train wrote") from None
+    try:
+        model = build_model(
+            checkpoint["architecture"], len(checkpoint["classes"]), checkpoint["image_size"],
+            checkpoint["widths"], checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"],
+        )
+        model.load_state_dict(checkpoint.pop("state_dict"))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise StageError(f"{path} is a PyTorch file but not a checkpoint of this pipeline ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); give a models/model.pt that "
+                         "stage train wrote") from None
     return model.eval(), checkpoint

@@ -49,6 +49,8 @@ class DataParams(Section):
     image_size: int = Field(ge=8, le=1024)
     test_fraction: float = Field(gt=0, lt=1)
     on_bad_image: Literal["error", "skip"]
+    max_image_pixels: int = Field(ge=1)  # larger images are refused from their header, before decoding
+    max_member_bytes: int = Field(ge=1)  # larger files and archive members are refused before being read whole
 
 
 class AugmentParams(Section):

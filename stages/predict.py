@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from stages.errors import StageError, run_stage
@@ -30,6 +31,7 @@ from stages.explain import explanation_grid_png, grad_cam
 from stages.image_folders import IMAGE_SUFFIXES, BadImage, decode_image
 from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path
+from stages.params import PARAMS_FILE, load_params
 
 log = logging.getLogger("predict")
 
@@ -48,11 +50,12 @@ def main() -> None:
     model_path = choose_model(args.model)
     model, description = load_checkpoint(model_path)
     files = collect_files(args.paths)
+    limit = pixel_limit(args.max_image_pixels)
     log.info("classifying %d file(s) with %s (%s)", len(files), model_path, description["architecture"])
-    predictions = classify(model, files, description["image_size"], args.batch_size)
+    predictions = classify(model, files, description["image_size"], limit, args.batch_size)
     print(render(predictions, description["classes"], args.top_k, args.format))
     if args.explain:
-        write_explanations(model, predictions, description, args.batch_size, Path(args.explain))
+        write_explanations(model, predictions, description, limit, args.batch_size, Path(args.explain))
     for name, why in predictions.failures.items():
         log.error("%s: %s", name, why)
     if predictions.failures:
@@ -66,12 +69,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="refuse larger images (default: data.max_image_pixels of ./params.yaml, without one "
+                             "Pillow's own limit)")
     parser.add_argument("--explain", metavar="OUT_DIR",
                         help="also write OUT_DIR/<image name>.png: the image beside a Grad-CAM heat map "
                              "for its top class")
     args = parser.parse_args()
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be at least 1")
+    if args.top_k < 1 or args.batch_size < 1 or (args.max_image_pixels is not None and args.max_image_pixels < 1):
+        parser.error("--top-k, --batch-size and --max-image-pixels must be at least 1")
     return args
 
 
@@ -84,6 +90,21 @@ def choose_model(given: str | None) -> Path:
         if candidate.is_file():
             return candidate
     raise StageError("no model found: run `dvc repro` first (it writes models/model.pt), or pass --model")
+
+
+@dataclass(frozen=True)
+class PixelLimit:
+    pixels: int
+    key: str  # what to raise, named in the message of an image over it
+
+
+def pixel_limit(given: int | None) -> PixelLimit:
+    """--max-image-pixels; else the project's data.max_image_pixels, run in one; else Pillow's own limit."""
+    if given is not None:
+        return PixelLimit(given, "--max-image-pixels")
+    if Path(PARAMS_FILE).is_file():
+        return PixelLimit(load_params().data.max_image_pixels, "--max-image-pixels (or data.max_image_pixels)")
+    return PixelLimit(Image.MAX_IMAGE_PIXELS, "--max-image-pixels")
 
 
 def collect_files(paths: list[str]) -> list[Path]:
@@ -101,7 +122,7 @@ def collect_files(paths: list[str]) -> list[Path]:
 
 
 @torch.inference_mode()
-def classify(model: Classifier, files: list[Path], image_size: int, batch_size: int) -> Predictions:
+def classify(model: Classifier, files: list[Path], image_size: int, limit: PixelLimit, batch_size: int) -> Predictions:
     predictions = Predictions()
     batch_files, batch_images = [], []
 
@@ -114,7 +135,7 @@ def classify(model: Classifier, files: list[Path], image_size: int, batch_size: 
 
     for file in tqdm(files, unit="img", desc="predicting", disable=None if len(files) > 20 else True):
         try:
-            batch_images.append(decode_image(file.read_bytes(), image_size, str(file)))
+            batch_images.append(decode_image(file.read_bytes(), image_size, str(file), limit.pixels, limit.key))
             batch_files.append(file)
         except (BadImage, OSError) as error:
             predictions.failures[str(file)] = str(error).removeprefix(f"{file}: ")
@@ -126,14 +147,15 @@ def classify(model: Classifier, files: list[Path], image_size: int, batch_size: 
     return predictions
 
 
-def write_explanations(model: Classifier, predictions: Predictions, description: dict, batch_size: int,
-                       out_dir: Path) -> None:
+def write_explanations(model: Classifier, predictions: Predictions, description: dict, limit: PixelLimit,
+                       batch_size: int, out_dir: Path) -> None:
     """One PNG per classified file: the image as the model saw it, beside its heat map for the top class."""
     names = overlay_names(predictions.files)
     for start in range(0, len(predictions.files), batch_size):
         files = predictions.files[start : start + batch_size]
         # Decoded again rather than kept by classify: classify holds one batch in memory, however many files.
-        images = np.stack([decode_image(Path(file).read_bytes(), description["image_size"], file) for file in files])
+        images = np.stack([decode_image(Path(file).read_bytes(), description["image_size"], file, limit.pixels)
+                           for file in files])
         probabilities = predictions.probabilities[start : start + batch_size]
         top = [int(row.argmax()) for row in probabilities]
         heat_maps = grad_cam(model, images, top)

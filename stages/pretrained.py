@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from stages.errors import StageError
-from stages.models import Classifier
+from stages.models import Classifier, why_torch_refused
 from stages.outputs import file_digest
 from stages.params import IMAGENET, RANDOM
 
@@ -81,9 +81,9 @@ def read_weights_file(path: Path) -> dict:
         # weights_only: a weights file from the internet is data, never code to run.
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike for a file it cannot read
-        raise StageError(f"train.weights: {path} is not a PyTorch weights file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); expected a state dict saved with "
-                         "torch.save, as torchvision publishes, or a model.pt this pipeline trained") from None
+        raise StageError(f"train.weights: {path} is not a PyTorch weights file ({why_torch_refused(error)}); expected "
+                         "a state dict saved with torch.save, as torchvision publishes, or a model.pt this pipeline "
+                         "trained") from None
     if not isinstance(content, dict) or not content:
         raise StageError(f"train.weights: {path} holds a {type(content).__name__}, not a state dict "
                          "(a mapping of tensor names to tensors)")
