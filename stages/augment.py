@@ -77,6 +77,7 @@ def write_copies(writer: PreparedWriter, train, policy: v2.Transform | None, cop
     count = len(train.labels) * copies
     if count == 0:
         return 0
+    log.info("augmenting %d training images, %d copies each", len(train.labels), copies)
     target = writer.allocate("copies", count, train.images.shape[1])
     # The policies draw from torch's global generator; one seed per copy keeps copy k the same
     # whatever the number of copies.

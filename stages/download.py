@@ -27,7 +27,7 @@ from stages.cifar import OFFICIAL, OfficialArchive, cifar_format_of, read_cifar_
 from stages.datasets import PreparedWriter
 from stages.errors import StageError, run_stage
 from stages.image_folders import BadImage, Layout, decode_image, open_image_folder, plan_layout
-from stages.outputs import file_digest, write_json
+from stages.outputs import PARTIAL_SUFFIX, file_digest, write_json
 from stages.params import DataParams, load_params
 
 log = logging.getLogger("download")
@@ -145,8 +145,11 @@ def fetch_url(url: str, raw_dir: Path) -> Path:
 def download(url: str, destination: Path, offline_hint: str) -> None:
     """Stream `url` into `destination`, atomically: a failed download leaves nothing behind."""
     destination.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in destination.parent.glob(f".{destination.name}.*{PARTIAL_SUFFIX}"):
+        leftover.unlink()  # of a download killed midway: only one run downloads into data/raw at a time
     log.info("downloading %s", url)
-    handle, partial_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    handle, partial_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX,
+                                            dir=destination.parent)
     partial = Path(partial_name)
     try:
         with os.fdopen(handle, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
@@ -210,6 +213,7 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
         slots.update((name, (split, index)) for index, name in enumerate(names))
 
     skipped = []
+    log.info("decoding %d images from %s", len(slots), source.label)
     with tqdm(total=len(slots), unit="img", desc="decoding", disable=None) as bar:
         for name, payload in source.read(set(slots)):
             split, index = slots[name]

@@ -43,6 +43,7 @@ def main() -> None:
     if classes != load_meta(args.prepared)["classes"]:
         raise StageError(f"{args.model} was trained on other classes than {args.prepared} holds; run train again")
 
+    log.info("scoring %d test images, test-time augmentation %s", len(test.labels), settings.tta)
     started = time.perf_counter()
     probabilities = predict(model, test.images, compute, settings.batch_size, settings.tta)
     eval_seconds = time.perf_counter() - started

@@ -114,6 +114,7 @@ def main() -> None:
 
     reports = Path(args.reports)
     classes = meta["classes"]
+    log.info("drawing the pictures: confusion matrix, learning curves, mistakes, Grad-CAM explanations")
     confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, classes))
     curves = Picture("Learning curves", reports / "learning_curves.png", learning_curves_png(history))
     preview = Picture("Augmented training samples", inputs["preview"], inputs["preview"].read_bytes())
