@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from stages.outputs import partial_folder
 
 CHAMPION = Path("models/champion")
 # Copied from the workspace into the champion folder: what `predict` needs and what it scored.
@@ -32,12 +33,14 @@ class Decision:
 
 
 def champion_folder(project: Path) -> Path:
-    """The champion's folder, completing a promotion that a crash interrupted between its two
-    renames (see `promote`): the previous champion is then put back."""
+    """The champion's folder, repairing a promotion that a crash interrupted (see `promote`): between its two
+    renames the previous champion is put back; after them, what was left of it is removed."""
     folder = project / CHAMPION
     previous = folder.with_name(".champion.previous")
     if not folder.exists() and previous.exists():
         os.rename(previous, folder)
+    elif previous.exists():  # the new champion is in place; a kill cut short the removal of the old one
+        shutil.rmtree(previous)
     return folder
 
 
@@ -70,8 +73,8 @@ def promote(project: Path, provenance: dict) -> Path:
     .champion.previous, which `champion_folder` puts back.
     """
     folder = champion_folder(project)
-    staging = folder.with_name(f".champion.{uuid.uuid4().hex[:8]}.part")
-    staging.mkdir(parents=True)
+    staging = partial_folder(folder)  # and the staging folders of promotions killed midway, removed
+    staging.chmod(0o755)  # made private; the champion is not
     try:
         for name, source in CHAMPION_FILES.items():
             shutil.copy2(project / source, staging / name)

@@ -22,12 +22,14 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from flows import champion, publish
-from flows.pipeline import StageFailed, dvc_command, run_pipeline
+from flows.pipeline import LockTimeout, StageFailed, dvc_command, run_pipeline
 
 PROJECT = Path(__file__).resolve().parents[1]
 # A failed download is retried after 10 s, then 60 s: long enough for a network blip or a
 # restarting mirror to pass. No other stage is retried: their failures are not transient.
 DOWNLOAD_RETRY_DELAYS = [10.0, 60.0]
+# A `dvc repro` by hand in the same checkout may take a while: a flow run waits this long for it.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 3600.0
 
 
 def download_failed(task, task_run, state) -> bool:
@@ -37,12 +39,13 @@ def download_failed(task, task_run, state) -> bool:
 
 
 @task(retries=len(DOWNLOAD_RETRY_DELAYS), retry_delay_seconds=DOWNLOAD_RETRY_DELAYS, retry_condition_fn=download_failed)
-def reproduce(project: Path, overrides: list[str], experiment: str | None) -> dict:
+def reproduce(project: Path, overrides: list[str], experiment: str | None, lock_timeout: float) -> dict:
     """Run `dvc repro` (or `dvc exp run -S ...`), each output line logged under its stage; what ran and what was skipped."""
     logger = get_run_logger()
     command = dvc_command(overrides, experiment)
     logger.info("$ %s", " ".join(command))
-    run = run_pipeline(command, project, lambda stage, line: logger.info("[%s] %s", stage or "dvc", line))
+    run = run_pipeline(command, project, lambda stage, line: logger.info("[%s] %s", stage or "dvc", line),
+                       on_wait=logger.warning, lock_timeout=lock_timeout)
     logger.info("stages run: %s; up to date: %s", ", ".join(run.ran) or "none", ", ".join(run.skipped) or "none")
     return {"ran": run.ran, "skipped": run.skipped}
 
@@ -77,18 +80,22 @@ def retrain(
     promotion_margin: float = 0.0,
     project_dir: str | None = None,
     download_retry_delays: list[float] | None = None,
+    lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
 ) -> dict:
     """Retrain through DVC (an experiment when overrides are given), publish the metrics, promote a better model.
 
     overrides: `key=value` params, as `dvc exp run -S` takes them (`train.epochs=20`).
     promotion_metric, promotion_margin: a run is promoted when its metric (a key of
         reports/metrics.json) exceeds the champion's by more than the margin.
+    lock_timeout_seconds: how long to wait for DVC's lock while another DVC process in the checkout
+        holds it (a `dvc repro` by hand), before the run fails.
     """
     project = Path(project_dir).resolve() if project_dir else PROJECT
     overrides = list(overrides or [])
     experiment = (experiment_name or f"retrain-{datetime.now():%Y%m%d-%H%M%S}") if overrides else None
     delays = DOWNLOAD_RETRY_DELAYS if download_retry_delays is None else download_retry_delays
-    stages = reproduce.with_options(retries=len(delays), retry_delay_seconds=delays or 0)(project, overrides, experiment)
+    stages = reproduce.with_options(retries=len(delays), retry_delay_seconds=delays or 0)(
+        project, overrides, experiment, lock_timeout_seconds)
 
     metrics = publish.read_metrics(project)
     champion_before = champion.champion_metrics(project)
@@ -130,6 +137,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metric", default="accuracy", help="promotion metric, a key of reports/metrics.json")
     parser.add_argument("--margin", type=float, default=0.0, help="by how much the champion must be beaten")
     parser.add_argument("--project", help="the project folder (default: the one holding flows/)")
+    parser.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="how long to wait while another DVC process holds the checkout's lock")
     return parser.parse_args()
 
 
@@ -137,9 +146,13 @@ def main() -> None:
     args = parse_args()
     try:
         outcome = retrain(overrides=args.overrides, experiment_name=args.name, promotion_metric=args.metric,
-                          promotion_margin=args.margin, project_dir=args.project)
-    except StageFailed as error:
+                          promotion_margin=args.margin, project_dir=args.project, lock_timeout_seconds=args.lock_timeout)
+    except (StageFailed, LockTimeout) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        # DVC and its stage were stopped and waited for (flows.pipeline.stop); what DVC finished is in dvc.lock.
+        # (On SIGTERM the same happens, then Prefect lets the signal end the process.)
+        sys.exit("stopped: dvc and its stage ended with this run; the next run starts where DVC left off")
     print(("promoted: " if outcome["promoted"] else "not promoted: ") + outcome["reason"])
 
 

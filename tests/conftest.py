@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from datamaker import PROJECT_ROOT, make_image_folder, write_params
 
@@ -222,3 +224,32 @@ def finished(runs: dict, name: str) -> Project:
     project, result = runs[name]
     assert result.returncode == 0, result.stderr
     return project
+
+
+# --- a real browser -------------------------------------------------------------------------
+
+# Debian's packages (`apt-get install chromium chromium-driver`), which .ci/run installs.
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Headless, and as root (CI) without the sandbox; no background connections, which a closed
+# network refuses by the dozen.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium driven through chromedriver (selenium), keeping the page's console log."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (.ci/run installs them)")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()

@@ -6,24 +6,29 @@ The flow runs in this process; DVC and the stages run as subprocesses in the cop
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter,
-                                            FlowRunFilterId)
+                                            FlowRunFilterId, LogFilter, LogFilterFlowRunId)
 from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from ruamel.yaml import YAML
 
 from datamaker import make_image_folder, make_tar_gz
-from flows import champion
+from flows import champion, locks
 from flows.publish import PER_CLASS_KEY, REPORT_KEY, SUMMARY_KEY
 from flows.retrain import retrain
 from flows.serve import deployment_config, serve_options
@@ -175,6 +180,94 @@ def test_an_experiment_not_beating_the_champion_by_the_margin_leaves_it(first_ru
     assert len(versions) >= 2
 
 
+def run_logs(flow_run_id) -> str:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+DVC = str(Path(sys.executable).parent / "dvc")  # beside this interpreter, as the flow finds it
+
+
+# --- DVC's lock -------------------------------------------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def orphans_kept_as_zombies():
+    """Make this process the one orphaned descendants are re-parented to, and leave them unreaped, as PID 1
+    does in many containers; reap them when the block ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for child in psutil.Process().children():
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, 0)
+
+
+# Starts a command in a session of its own and exits without waiting for it: the command is orphaned.
+ORPHAN = "import subprocess, sys; print(subprocess.Popen(sys.argv[1:], start_new_session=True, " \
+         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
+
+
+def test_a_run_clears_the_lock_of_a_killed_dvc_left_a_zombie_and_proceeds(first_run, repo):
+    with orphans_kept_as_zombies():
+        command = [sys.executable, "-c", ORPHAN, DVC, "repro", "--force", "--single-item", "train"]
+        launched = subprocess.run(command, cwd=repo, env=stage_env(), capture_output=True, text=True, check=True)
+        pid = int(launched.stdout)
+        assert wait_until(lambda: pid in [holder.pid for holder in locks.rwlock_holders(repo)], 60)
+        os.killpg(pid, signal.SIGKILL)
+        assert wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+
+        by_hand = subprocess.run([DVC, "repro"], cwd=repo, env=stage_env(), capture_output=True, text=True)
+        assert by_hand.returncode != 0 and f"is being blocked by:\n  (PID {pid})" in by_hand.stdout + by_hand.stderr
+
+        state = retrain(project_dir=str(repo), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert (f"cleared DVC's stale lock entry of (PID {pid}) {DVC} repro --force --single-item train: the process "
+            "is a zombie" in run_logs(state.state_details.flow_run_id))
+    assert locks.rwlock_holders(repo) == []
+
+
+def test_a_run_waits_for_a_dvc_repro_by_hand_or_fails_after_its_lock_timeout(first_run, repo):
+    by_hand = subprocess.Popen([DVC, "repro", "--force", "--single-item", "train"], cwd=repo, env=stage_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: locks.live_holder(repo) is not None, 60)
+        impatient = retrain(project_dir=str(repo), lock_timeout_seconds=1, return_state=True)
+        assert impatient.is_failed()
+        assert f"DVC's lock in {repo} is still held by (PID {by_hand.pid})" in impatient.message
+        assert "after 1 s of waiting" in impatient.message
+
+        waiting = retrain(project_dir=str(repo), return_state=True)
+        assert by_hand.poll() == 0  # it finished first
+    finally:
+        by_hand.kill()
+        by_hand.wait()
+    assert waiting.is_completed(), waiting.message
+    logs = run_logs(waiting.state_details.flow_run_id)
+    assert f"waiting for DVC's lock, held by (PID {by_hand.pid}) " in logs
+    assert " repro --force --single-item train" in logs
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def wait_until(check, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_failing_stage_fails_the_run_with_its_error_and_leaves_the_champion(first_run, repo):
     champion_before = (repo / "models/champion/provenance.json").read_text()
     state = retrain(overrides=["data.source=../missing.tar.gz"], project_dir=str(repo),
@@ -196,7 +289,8 @@ def test_served_deployment_has_the_cron_schedule_and_settings_of_prefect_yaml(pr
     assert config["schedules"][0]["cron"] == "0 2 * * *"
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert deployment.parameters == {"promotion_metric": "accuracy", "promotion_margin": 0.0, "overrides": []}
+    assert deployment.parameters == {"promotion_metric": "accuracy", "promotion_margin": 0.0, "overrides": [],
+                                     "lock_timeout_seconds": 3600}
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
@@ -254,3 +348,54 @@ def test_a_promotion_interrupted_between_its_renames_keeps_the_previous_champion
     os.rename(tmp_path / "models/champion", tmp_path / "models/.champion.previous")
     assert champion.champion_metrics(tmp_path)["accuracy"] == 0.5
     assert (tmp_path / "models/champion/model.pt").read_bytes() == b"weights 0.5"
+
+
+# Promotes the workspace in argv[1], saying so first; a kill may land at any moment after that line.
+PROMOTE = """
+import sys
+from pathlib import Path
+from flows import champion
+print("promoting", flush=True)
+champion.promote(Path(sys.argv[1]), {"experiment": sys.argv[2]})
+"""
+
+
+def test_a_promotion_killed_at_any_moment_leaves_one_whole_champion(tmp_path):
+    root = workspace(tmp_path, 0.5)
+    promote_if_decided(root)
+    models = {0.5: b"weights 0.5"}  # each run's model, by its accuracy
+    before = 0.5  # the champion's accuracy
+    big = os.urandom(64 * 2**20)  # long enough to copy and flush that a kill lands midway
+    for attempt, delay in enumerate((0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.4)):
+        accuracy = round(0.6 + attempt / 100, 2)
+        workspace(root, accuracy)
+        models[accuracy] = big + str(accuracy).encode()
+        (root / "models/model.pt").write_bytes(models[accuracy])
+        child = subprocess.Popen([sys.executable, "-c", PROMOTE, str(root), f"run {accuracy}"], env=stage_env(),
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "promoting\n"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+        # Whole: the old champion or the new one, its model, metrics and provenance from the same run
+        # (champion_metrics puts back a champion that a kill between the two renames set aside).
+        kept = champion.champion_metrics(root)["accuracy"]
+        assert kept in (before, accuracy)
+        assert (root / "models/champion/model.pt").read_bytes() == models[kept]
+        assert json.loads((root / "models/champion/provenance.json").read_text()) == {"experiment": f"run {kept}"}
+        before = kept
+    promote_if_decided(workspace(root, 0.9))
+    assert sorted(path.name for path in (root / "models").iterdir()) == ["champion", "model.pt"]  # no leftovers
+
+
+def test_a_promotion_interrupted_after_its_renames_removes_what_is_left_of_the_old_champion(tmp_path):
+    promote_if_decided(workspace(tmp_path, 0.5))
+    promote_if_decided(workspace(tmp_path, 0.6))
+    # What a crash while the old champion was being deleted leaves: the new one in place, part of the old beside it.
+    (tmp_path / "models/.champion.previous").mkdir()
+    (tmp_path / "models/.champion.previous/model.pt").write_bytes(b"weights 0.5")
+    assert champion.champion_metrics(tmp_path)["accuracy"] == 0.6
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["champion", "model.pt"]
+    promote_if_decided(workspace(tmp_path, 0.7))
+    assert champion.champion_metrics(tmp_path)["accuracy"] == 0.7

@@ -16,8 +16,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 from ruamel.yaml import YAML
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
@@ -268,33 +266,6 @@ def test_the_compression_table_names_the_backend_and_the_machine(reported: Path)
 
 
 # --- in a real browser ----------------------------------------------------------------------
-
-# Debian's packages (`apt-get install chromium chromium-driver`), which .ci/run installs.
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-# Headless, and as root (CI) without the sandbox; no background connections, which a closed
-# network refuses by the dozen.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,900")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Chromium driven through chromedriver (selenium), keeping the page's console log."""
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        message = f"{CHROMIUM} or {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (.ci/run installs them)")
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    yield driver
-    driver.quit()
-
 
 def full_page_screenshot(driver, path: Path) -> None:
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
