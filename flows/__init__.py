@@ -1,8 +1,9 @@
 """Prefect orchestration of the DVC pipeline: when it runs, what is retried, where results show.
 
     python -m flows.retrain [--set train.epochs=20 ...]   # one run, by hand
-    python -m flows.server start                          # a local Prefect server, in the background
+    prefect server start --background                     # Prefect's local server, in the background
     python -m flows.serve                                  # retrain on prefect.yaml's schedule
+    python -m flows.worker --pool images-process           # or run the deployment on a worker
 
 DVC still says what is computed (dvc.yaml, params.yaml); these modules only drive it.
 """

@@ -1,6 +1,6 @@
 """Serve the retraining flow on the schedule in prefect.yaml, no worker needed.
 
-    python -m flows.server start && export PREFECT_API_URL=http://127.0.0.1:4200/api
+    export PREFECT_API_URL=http://127.0.0.1:4200/api && prefect server start --background
     python -m flows.serve                  # prefect.yaml's cron (nightly), parameters and concurrency
     python -m flows.serve --interval 600   # every 10 minutes instead, to try it out
 
