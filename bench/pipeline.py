@@ -214,6 +214,9 @@ def measure_pipeline(params: dict, overrides: dict, images: Path, folder: Path) 
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, folder / name)
     preset = PIPELINE_PRESET if PIPELINE_PRESET in (params.get("presets") or {}) else DEFAULT_PRESET
+    # The --set recipe keys are for the presets benchmarked (`train.widths` is convnet's, which lenet
+    # refuses); the data keys hold here too.
+    overrides = {key: value for key, value in overrides.items() if not key.startswith("train.")}
     write_params(apply_overrides(params_for_preset(params, preset, overrides),
                                  {"data.source": str(images.resolve()), "train.epochs": 1}), folder)
     log_file = folder / "pipeline.log"
