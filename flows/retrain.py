@@ -146,7 +146,8 @@ def main() -> None:
     args = parse_args()
     try:
         outcome = retrain(overrides=args.overrides, experiment_name=args.name, promotion_metric=args.metric,
-                          promotion_margin=args.margin, project_dir=args.project, lock_timeout_seconds=args.lock_timeout)
+                          promotion_margin=args.margin, project_dir=args.project,
+                          lock_timeout_seconds=args.lock_timeout)
     except (StageFailed, LockTimeout) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:

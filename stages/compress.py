@@ -284,7 +284,8 @@ def compare_with_reference(table: pd.DataFrame) -> pd.DataFrame:
 def headline_metrics(table: pd.DataFrame, engine: str | None) -> dict:
     """How it was measured, then one entry per variant, flat enough for `dvc exp show` columns
     (`int8.accuracy`, `int8.speedup`, ...)."""
-    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]), "int8_backend": engine or "none"}
+    metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]),
+                     "int8_backend": engine or "none"}
     for row in table.itertuples():
         metrics[row.variant] = {
             "accuracy": row.accuracy, "accuracy_change": row.accuracy_change, "size_mb": round(row.size_bytes / 1e6, 3),

@@ -275,8 +275,8 @@ def recipe_problems(recipe: SimpleNamespace, name: str, preset: Recipe, explicit
     for key in sorted(explicit & set(USED_BY)):
         who, used = USED_BY[key]
         if is_set(getattr(recipe, key)) and not used(recipe):
-            problems.append(f"train.{key} is set under train: ({as_yaml(getattr(recipe, key))}), but only {who} uses it "
-                            f"(train.model is {recipe.model}, train.optimizer {recipe.optimizer}, train.loss "
+            problems.append(f"train.{key} is set under train: ({as_yaml(getattr(recipe, key))}), but only {who} "
+                            f"uses it (train.model is {recipe.model}, train.optimizer {recipe.optimizer}, train.loss "
                             f"{recipe.loss}): remove it (null)")
     if recipe.optimizer == "muon" and recipe.model != "convnet" and "optimizer" not in covered:
         # Its filter renormalisation and learning rates are airbench's, made for convnet.
@@ -315,7 +315,8 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
     """Keys that the recipe's other keys need."""
     problems = []
     if recipe.model == "convnet" and recipe.widths is None:
-        problems.append("train.widths must be three block widths for the convnet model (e.g. `-S train.widths=[64,128,256]`)")
+        problems.append("train.widths must be three block widths for the convnet model "
+                        "(e.g. `-S train.widths=[64,128,256]`)")
     if recipe.model == "convnet" and recipe.batchnorm_momentum is None:
         problems.append("train.batchnorm_momentum must be set for the convnet model (PyTorch's default is 0.1)")
     if recipe.optimizer in ("sgd", "muon") and recipe.nesterov and recipe.momentum == 0:
@@ -328,7 +329,8 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
                         "(e.g. 0.6 and 3)")
     if recipe.weights == IMAGENET and recipe.model not in TORCHVISION_MODELS:
         problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for "
-                        f"{', '.join(TORCHVISION_MODELS)}, not {recipe.model}; give a weights file's path, or {RANDOM!r}")
+                        f"{', '.join(TORCHVISION_MODELS)}, not {recipe.model}; give a weights file's path, or "
+                        f"{RANDOM!r}")
     return problems
 
 

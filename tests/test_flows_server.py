@@ -218,7 +218,8 @@ def test_stopping_the_worker_cancels_its_run_and_stops_dvc_and_its_stage(server,
     assert_stopped_and_lock_free(repo)
     assert worker.wait(timeout=90) == 1, (tmp_path / "worker.log").read_text()[-3000:]
     assert "cancelled its 1 running flow run(s)" in (tmp_path / "worker.log").read_text()
-    assert wait_for(lambda: query(prefect_env, "state", flow_run) == "CANCELLED", 30), query(prefect_env, "state", flow_run)
+    cancelled = wait_for(lambda: query(prefect_env, "state", flow_run) == "CANCELLED", 30)
+    assert cancelled, query(prefect_env, "state", flow_run)
 
 
 # --- reading the API, from a subprocess: this process's Prefect settings stay untouched ----------

@@ -216,7 +216,8 @@ def test_a_typo_in_a_section_reruns_its_stage_and_is_refused(repo: Path):
     reset_workspace(repo)
 
 
-@pytest.mark.parametrize("switched", [["-S", "train.model=lenet"], ["-S", "train.model=resnet18", "-S", "train.optimizer=sgd"]],
+@pytest.mark.parametrize("switched", [["-S", "train.model=lenet"],
+                                      ["-S", "train.model=resnet18", "-S", "train.optimizer=sgd"]],
                          ids=["lenet", "resnet18-sgd"])
 def test_a_model_switched_alone_is_refused_with_a_fix_that_works_as_typed(repo: Path, switched: list[str]):
     refused = run(["dvc", "exp", "run", *switched, "train"], repo, check=False)
@@ -252,7 +253,8 @@ def test_plots_diff_between_two_experiments_renders_every_plot_without_error(rep
     assert not diffed.get("errors"), diffed["errors"]
     declared = [next(iter(plot)) for plot in YAML(typ="safe", pure=True).load(repo / "dvc.yaml")["plots"]]
     for plot in declared:
-        revisions = {value["rev"] for rendered in diffed["data"][plot] for value in rendered["content"]["data"]["values"]}
+        values = [value for rendered in diffed["data"][plot] for value in rendered["content"]["data"]["values"]]
+        revisions = {value["rev"] for value in values}
         assert revisions == {"adam", "copies"}, plot
 
 
