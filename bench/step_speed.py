@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stages.architectures import family_of
 from stages.hardware import resolve_compute
 from stages.models import as_unit_floats, smallest_image_side
 from stages.params import load_params
@@ -61,7 +62,8 @@ def main() -> None:
             batch = as_unit_floats(images.images)
             if side != batch.shape[-1]:  # as the train stage resizes
                 batch = F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True)
-            times = [timed_step(stepped, batch, images.labels, compute, optimizers, schedules, loss_of)
+            times = [timed_step(stepped, batch, images.labels, compute, optimizers, schedules, loss_of,
+                                family_of(settings.model).aux_weight)
                      for _ in range(args.steps + 1)]
             median = statistics.median(times[1:])
             print(f"{mode:>8} side {side:>3}: first step {times[0]:6.2f} s, then {median:.3f} s a step, "
@@ -90,9 +92,9 @@ def random_images(count: int, side: int, device: torch.device) -> ImageSet:
                     torch.randint(0, len(CLASSES), (count,)).to(device))
 
 
-def timed_step(model, images, labels, compute, optimizers, schedules, loss_of) -> float:
+def timed_step(model, images, labels, compute, optimizers, schedules, loss_of, aux_weight: float) -> float:
     started = time.perf_counter()
-    loss, _ = train_step(model, images, labels, compute, optimizers, schedules, loss_of)
+    loss, _ = train_step(model, images, labels, compute, optimizers, schedules, loss_of, aux_weight)
     loss.item()  # waits for the device
     return time.perf_counter() - started
 

@@ -43,6 +43,7 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.nn.utils import prune
 
+from stages.architectures import family_of
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import cpu_model_name
@@ -80,7 +81,9 @@ def main() -> None:
     model, description = load_trained_model(Path(args.model), Path(args.prepared))
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    engine = choose_int8_engine(settings.int8_backend) if "int8" in settings.variants else None
+    skipped = variants_not_applying(settings.variants, description["architecture"])
+    made = [name for name in settings.variants if name not in skipped]
+    engine = choose_int8_engine(settings.int8_backend) if "int8" in made else None
     test = load_split(args.prepared, "test")
     calibration = calibration_images(Path(args.prepared), settings.calibration_images, params.seed)
 
@@ -89,19 +92,25 @@ def main() -> None:
     with atomic_folder(args.out) as folder:
         variants = [Variant("fp32", Path(args.model), model, torch.float32, "fp32", "checkpoint", "eager",
                             weight_sparsity(model))]
-        for name in settings.variants:
+        for name in made:
             log.info("writing variant %s", name)
             variants.append(write_and_reload(name, model, description, folder / FILE_NAMES[name], settings, engine,
                                              calibration))
-        rows = []
+        measured = {}
         for variant in variants:
-            rows.append(measure(variant, test.images, test.labels, settings))
+            measured[variant.name] = measure(variant, test.images, test.labels, settings)
             log.info("%s: accuracy %.4f, %.3f ms per image, %.0f images/s, %.3f MB", variant.name,
-                     rows[-1]["accuracy"], rows[-1]["latency_ms"], rows[-1]["images_per_second"],
-                     rows[-1]["size_bytes"] / 1e6)
+                     measured[variant.name]["accuracy"], measured[variant.name]["latency_ms"],
+                     measured[variant.name]["images_per_second"], measured[variant.name]["size_bytes"] / 1e6)
+    for name, reason in skipped.items():
+        log.info("variant %s skipped: %s", name, reason)
+    # One row per variant asked for, in the order asked; a skipped one says why and has no figures.
+    rows = [measured["fp32"] | {"file": args.model}]
+    rows += [measured[name] | {"file": (Path(args.out) / FILE_NAMES[name]).as_posix()} if name in measured
+             else {"variant": name, "skipped": skipped[name]} for name in settings.variants]
     table = compare_with_reference(pd.DataFrame(rows))
-    files = [Path(args.model)] + [Path(args.out) / FILE_NAMES[name] for name in settings.variants]
-    table.insert(1, "file", [file.as_posix() for file in files])
+    table.insert(1, "file", table.pop("file").fillna(""))
+    table["skipped"] = table["skipped"].fillna("") if "skipped" in table else ""
     with atomic_path(args.table) as partial:
         table.to_csv(partial, index=False)
     write_json(args.metrics, headline_metrics(table, engine))
@@ -129,6 +138,12 @@ def load_trained_model(model_path: Path, prepared: Path) -> tuple[Classifier, di
     if description["classes"] != load_meta(prepared)["classes"]:
         raise StageError(f"{model_path} was trained on other classes than {prepared} holds; run train again")
     return model, description
+
+
+def variants_not_applying(variants: list[str], architecture: str) -> dict[str, str]:
+    """The variants asked for that do not apply to the architecture (stages/architectures.py), and why."""
+    reason = family_of(architecture).int8
+    return {"int8": f"int8 does not apply to {architecture}: {reason}"} if "int8" in variants and reason else {}
 
 
 def choose_int8_engine(wanted: str) -> str:
@@ -287,6 +302,9 @@ def headline_metrics(table: pd.DataFrame, engine: str | None) -> dict:
     metrics: dict = {"cpu": cpu_model_name(), "threads": int(table["threads"].iloc[0]),
                      "int8_backend": engine or "none"}
     for row in table.itertuples():
+        if row.skipped:
+            metrics[row.variant] = {"skipped": row.skipped}
+            continue
         metrics[row.variant] = {
             "accuracy": row.accuracy, "accuracy_change": row.accuracy_change, "size_mb": round(row.size_bytes / 1e6, 3),
             "size_ratio": row.size_ratio, "latency_ms": row.latency_ms, "speedup": row.speedup,

@@ -17,11 +17,12 @@ matplotlib.use("Agg")  # before captum's visualisation imports pyplot: files, ne
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam, visualization
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, visualization
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import nn
 
+from stages import architectures
 from stages.errors import StageError
 from stages.models import as_model_input
 
@@ -37,16 +38,55 @@ def last_conv_layer(model: nn.Module) -> nn.Conv2d:
     return convolutions[-1]
 
 
-def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+def heat_maps(model: nn.Module, images: np.ndarray, targets: Sequence[int]) -> tuple[np.ndarray, str]:
+    """Heat maps (N, H, W) of the evidence for each image's target class, and the method's name: Grad-CAM on
+    the layer its architecture names (stages/architectures.py); integrated gradients for a transformer,
+    whose only convolution, its patch embedding, has no feature map that sees objects."""
+    layer = explained_layer_of(model)
+    if layer is None:
+        return integrated_gradients(model, images, targets), INTEGRATED_GRADIENTS
+    return grad_cam(model, images, targets, layer), GRAD_CAM
+
+
+def explanation_method(model: nn.Module) -> str:
+    """The name of the method `heat_maps` uses for this model, in words."""
+    return INTEGRATED_GRADIENTS if explained_layer_of(model) is None else GRAD_CAM
+
+
+GRAD_CAM = "Grad-CAM (Captum's LayerGradCam on the last convolution of the network's features)"
+INTEGRATED_GRADIENTS = ("integrated gradients (Captum's IntegratedGradients from a black image, Sundararajan et al., "
+                        "2017): a transformer has no feature map for Grad-CAM")
+INTEGRATION_STEPS = 16
+
+
+def explained_layer_of(model: nn.Module) -> nn.Module | None:
+    """The layer Grad-CAM explains: as the architecture says for the pipeline's models, else the last convolution."""
+    architecture = getattr(model, "architecture", None)
+    if architecture is None:
+        return last_conv_layer(model)
+    return architectures.explained_layer(model.network, architectures.family_of(architecture), model.head)
+
+
+def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int], layer: nn.Module | None = None
+             ) -> np.ndarray:
     """Heat maps (N, H, W), 0 where nothing speaks for the class, for (N, H, W, 3) uint8 images and one
     target class each."""
     # Grad-CAM needs gradients, also when the caller runs in inference mode or without grad.
     with torch.inference_mode(False), torch.enable_grad():
         inputs = as_model_input(images)
-        maps = LayerGradCam(model, last_conv_layer(model)).attribute(
+        maps = LayerGradCam(model, layer or last_conv_layer(model)).attribute(
             inputs, target=torch.as_tensor(list(targets)), relu_attributions=True)
         maps = LayerAttribution.interpolate(maps, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
     return maps[:, 0].detach().numpy()
+
+
+def integrated_gradients(model: nn.Module, images: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """Heat maps (N, H, W): each pixel's positive share of the class's score, summed over its channels."""
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = as_model_input(images)
+        attributions = IntegratedGradients(model).attribute(inputs, target=torch.as_tensor(list(targets)),
+                                                           n_steps=INTEGRATION_STEPS, internal_batch_size=len(inputs))
+    return attributions.sum(dim=1).clamp_min(0).detach().numpy()
 
 
 def draw_explanation(figure: Figure, image_axes: Axes, heat_axes: Axes, image: np.ndarray, heat_map: np.ndarray,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
+import torch.nn.functional as F
 from torch import nn
 
+from stages import architectures
 from stages.errors import StageError
 from stages.outputs import atomic_path
-from stages.params import TORCHVISION_MODELS
 
 
 def as_images_nchw(images: np.ndarray) -> torch.Tensor:
@@ -140,64 +140,75 @@ class ConvNet(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Normalisation followed by the network: takes float images in [0, 1], (N, 3, H, W)."""
+    """Normalisation followed by the network: takes float images in [0, 1], (N, 3, H, W). Where the network
+    needs larger images (or one fixed side) than the data's, they are resized to `input_side` in between."""
 
-    def __init__(self, network: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, network: nn.Module, mean: list[float], std: list[float], input_side: int | None = None):
         super().__init__()
         self.normalize = Normalize(mean, std)
+        self.resize = Resize(input_side) if input_side else nn.Identity()
         self.network = network
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(images))
+        return self.network(self.resize(self.normalize(images)))
 
 
-# Below this side, torchvision's ImageNet networks lose their stem's downsampling (see below).
-SMALL_IMAGE_SIDE = 64
+class Resize(nn.Module):
+    """Bilinear resizing to `side` x `side` (no condition on the input's shape, so FX and torch.export trace it)."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images, size=(self.side, self.side), mode="bilinear", align_corners=False)
 
 
-def resnet_for_small_images(network: nn.Module) -> None:
-    # As the CIFAR ResNets (He et al., 2016, section 4.2): the first stage sees the image at full
-    # resolution, so neither the stem's stride nor its max-pool. The 7x7 kernel stays, so that
-    # ImageNet weights load unchanged.
-    network.conv1.stride = (1, 1)
-    network.maxpool = nn.Identity()
-
-
-def mobilenet_for_small_images(network: nn.Module) -> None:
-    # The stem and the first block each halve the image: without both, 32 px ends in 4x4 maps, not 1x1.
-    network.features[0][0].stride = (1, 1)
-    network.features[1].block[0][0].stride = (1, 1)
-
-
-SMALL_IMAGE_ADAPTATIONS = {"resnet18": resnet_for_small_images, "mobilenet_v3_small": mobilenet_for_small_images}
-
-
-def torchvision_network(architecture: str, num_classes: int, image_size: int) -> nn.Module:
-    """torchvision's network with a head for `num_classes`; its downsampling cut on images under 64 px."""
-    network = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
-    if image_size < SMALL_IMAGE_SIDE:
-        SMALL_IMAGE_ADAPTATIONS[architecture](network)
-    return network
-
-
-def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
-                mean: list[float], std: list[float]) -> Classifier:
-    if architecture in TORCHVISION_MODELS:
-        return Classifier(torchvision_network(architecture, num_classes, image_size), mean, std)
-    if architecture not in ("lenet", "convnet"):
-        raise ValueError(f"unknown architecture {architecture!r}")
+def build_network(architecture: str, num_classes: int, image_size: int, widths: list[int] | None) -> nn.Module:
+    if architectures.is_torchvision(architecture):
+        return architectures.torchvision_network(architecture, num_classes, image_size)
+    if architecture not in architectures.PROJECT_MODELS:
+        raise ValueError(f"unknown architecture {architecture!r}")  # params validation names the accepted ones
     # A StageError: data.image_size and train.model are each valid alone, and the stage reports
     # the pair in one line instead of a traceback (from deep in the max-pools for convnet).
     smallest = smallest_image_side(architecture)
     if image_size < smallest:
         raise StageError(f"train.model {architecture} needs data.image_size ≥ {smallest} (got {image_size})")
-    network = LeNet(num_classes, image_size) if architecture == "lenet" else ConvNet(num_classes, widths)
-    return Classifier(network, mean, std)
+    return LeNet(num_classes, image_size) if architecture == "lenet" else ConvNet(num_classes, widths)
+
+
+def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
+                mean: list[float], std: list[float]) -> Classifier:
+    network = build_network(architecture, num_classes, image_size, widths)
+    side = architectures.input_side(architecture, image_size) if architectures.is_torchvision(architecture) else None
+    needs_resize = side is not None and (side != image_size or architectures.family_of(architecture).attention)
+    model = Classifier(network, mean, std, side if needs_resize else None)
+    model.architecture = architecture
+    model.head = head_names(architecture, num_classes, image_size, widths, network)
+    return model
+
+
+def head_names(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
+               network: nn.Module) -> set[str]:
+    """The network's head, as its state-dict names (architectures.head_names): compared with the same network
+    built for one class more, on the meta device where the builder allows it (RegNet computes its widths
+    with tensors, so it is built on the CPU)."""
+    try:
+        with torch.device("meta"):
+            probe = build_network(architecture, num_classes + 1, image_size, widths)
+    except NotImplementedError:
+        probe = build_network(architecture, num_classes + 1, image_size, widths)
+    return architectures.head_names(network, probe)
+
+
+def head_parameters(model: Classifier) -> list[nn.Parameter]:
+    """The parameters of the network's head (and auxiliary heads): what is new when weights for other classes load."""
+    return [parameter for name, parameter in model.network.named_parameters() if name in model.head]
 
 
 def smallest_image_side(architecture: str) -> int:
-    """The smallest images `architecture` takes; torchvision's, cut for small images and ending in an
-    adaptive pool, take any."""
+    """The smallest images `architecture` takes: the project's two refuse smaller ones; torchvision's
+    take any, resized inside the model where their family needs more."""
     return {"lenet": LeNet.MIN_IMAGE_SIZE, "convnet": ConvNet.MIN_IMAGE_SIZE}.get(architecture, 1)
 
 
@@ -213,7 +224,10 @@ def why_torch_refused(error: Exception) -> str:
 
 def save_checkpoint(path: Path, model: Classifier, description: dict) -> None:
     """Save weights plus what is needed to use them (see `load_checkpoint`), atomically."""
-    checkpoint = {**description, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    state = model.state_dict()
+    for name, tensor in state.items():  # in place: the dict's _metadata (module versions, MNASNet's) is kept
+        state[name] = tensor.detach().cpu()
+    checkpoint = {**description, "state_dict": state}
     with atomic_path(path) as partial:
         torch.save(checkpoint, partial)
 

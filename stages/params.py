@@ -11,17 +11,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, computed_field, create_model, field_validator,
+                      model_validator)
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from stages import architectures
 from stages.errors import StageError
 
 PARAMS_FILE = "params.yaml"
 
-TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")  # torchvision's architectures, ImageNet weights published
-MODELS = ("lenet", "convnet", *TORCHVISION_MODELS)
 RANDOM, IMAGENET = "random", "imagenet"  # train.weights: from scratch; torchvision's ImageNet weights for train.model
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "muon")
 FLIPS = ("none", "random", "alternate")
@@ -69,10 +69,21 @@ class AugmentParams(Section):
         return self
 
 
-class Recipe(Section):
+class KnownModel(Section):
+    """`model`, wherever a recipe names one, is one the code knows."""
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def a_known_model(cls, name: str | None) -> str | None:
+        if name is not None and name not in architectures.known_models():
+            raise ValueError(architectures.unknown_model_message(name))
+        return name
+
+
+class Recipe(KnownModel):
     """A training recipe: what a preset under `presets:` names, and what `train:` may override."""
 
-    model: Literal[MODELS]
+    model: str  # lenet, convnet, or any classifier of torchvision's registry (stages/architectures.py)
     widths: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None  # convnet's blocks; null for lenet
     optimizer: Literal[OPTIMIZERS]
     lr: float = Field(gt=0)
@@ -122,7 +133,8 @@ def _optional(field: FieldInfo) -> tuple:
 # params.yaml lists them all, null, because `dvc exp run -S train.lr=0.05` can only set a key
 # that is already there.
 TrainSection = create_model(
-    "TrainSection", __base__=Machine, **{name: _optional(field) for name, field in Recipe.model_fields.items()}
+    "TrainSection", __base__=(Machine, KnownModel),
+    **{name: _optional(field) for name, field in Recipe.model_fields.items()}
 )
 
 
@@ -144,15 +156,14 @@ class TrainParams(Recipe, Machine):
 USED_BY = {
     "widths": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
     "whiten_bias_epochs": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
-    "batchnorm_momentum": ("models with BatchNorm", lambda recipe: recipe.model in BATCHNORM_MODELS),
-    "frozen_batchnorm_scale": ("models with BatchNorm", lambda recipe: recipe.model in BATCHNORM_MODELS),
+    "batchnorm_momentum": ("models with BatchNorm", lambda recipe: architectures.uses_batchnorm(recipe.model)),
+    "frozen_batchnorm_scale": ("models with BatchNorm", lambda recipe: architectures.uses_batchnorm(recipe.model)),
     "muon_momentum": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
     "muon_ns_steps": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
     "momentum": ("train.optimizer sgd, rmsprop or muon", lambda recipe: recipe.optimizer != "adam"),
     "nesterov": ("train.optimizer sgd or muon", lambda recipe: recipe.optimizer in ("sgd", "muon")),
     "label_smoothing": ("train.loss cross_entropy", lambda recipe: recipe.loss == "cross_entropy"),
 }
-BATCHNORM_MODELS = ("convnet", *TORCHVISION_MODELS)
 # A preset tunes these for its model: they are not carried over to another one.
 ARCHITECTURE_KEYS = ("widths", "whiten_bias_epochs", "batchnorm_momentum", "frozen_batchnorm_scale")
 
@@ -327,10 +338,9 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
     if recipe.optimizer == "muon" and (recipe.muon_momentum is None or recipe.muon_ns_steps is None):
         problems.append("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
                         "(e.g. 0.6 and 3)")
-    if recipe.weights == IMAGENET and recipe.model not in TORCHVISION_MODELS:
-        problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for "
-                        f"{', '.join(TORCHVISION_MODELS)}, not {recipe.model}; give a weights file's path, or "
-                        f"{RANDOM!r}")
+    if recipe.weights == IMAGENET and not architectures.is_torchvision(recipe.model):
+        problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for its own "
+                        f"models, not {recipe.model}; give a weights file's path, or {RANDOM!r}")
     return problems
 
 
@@ -443,7 +453,10 @@ def describe(problem: dict) -> str:
     if problem["type"] == "missing":
         return f"{key}: missing; every key is set in params.yaml, none has a hidden default"
     if problem["type"] == "value_error":
-        # Our own cross-field checks already name their keys.
+        # Our own cross-field checks name their keys; a field's own check says what the field must be.
+        section = _section_at(problem["loc"][:-1])
+        if section is not None and problem["loc"][-1] in section.model_fields:
+            return f"{key}: {problem['ctx']['error']} (got {given!r})"
         return str(problem["ctx"]["error"])
     message = problem["msg"].replace("Input should be", "must be")
     if given == OFF and problem["loc"][0] == "train":

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.errors import StageError, run_stage
-from stages.explain import explanation_grid_png, grad_cam
+from stages.explain import explanation_grid_png, heat_maps
 from stages.image_folders import IMAGE_SUFFIXES, BadImage, decode_image
 from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path
@@ -158,8 +158,8 @@ def write_explanations(model: Classifier, predictions: Predictions, description:
                            for file in files])
         probabilities = predictions.probabilities[start : start + batch_size]
         top = [int(row.argmax()) for row in probabilities]
-        heat_maps = grad_cam(model, images, top)
-        for file, image, heat_map, index, row in zip(files, images, heat_maps, top, probabilities):
+        maps, _method = heat_maps(model, images, top)
+        for file, image, heat_map, index, row in zip(files, images, maps, top, probabilities):
             caption = f"{Path(file).name}: {description['classes'][index]} {row[index]:.1%}"
             png = explanation_grid_png(image[None], heat_map[None], [caption], pairs_per_row=1, pair_inches=(6, 3.3))
             with atomic_path(out_dir / names[file]) as partial:

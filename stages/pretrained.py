@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from stages.architectures import fit_imagenet_weights, is_torchvision
 from stages.errors import StageError
 from stages.models import Classifier, why_torch_refused
 from stages.outputs import file_digest
@@ -39,14 +40,16 @@ def load_initial_weights(model: Classifier, architecture: str, source: str) -> d
             raise StageError(f"train.weights: {path} holds a {content['architecture']} model, but train.model is "
                              f"{architecture}; set train.model to {content['architecture']} or give weights of a "
                              f"{architecture}")
-        target, state = model, content["state_dict"]
+        target, state, head = model, content["state_dict"], {f"network.{name}" for name in model.head}
     else:
         # torchvision's weights: the network alone, trained on ImageNet-normalised images.
-        target, state = model.network, content.get("state_dict", content)
+        target, state, head = model.network, content.get("state_dict", content), model.head
+        if is_torchvision(architecture):
+            state = fit_imagenet_weights(architecture, model.network, state)
         with torch.no_grad():
             model.normalize.mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
             model.normalize.std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-    new_head = load_matching(target, state, path, architecture)
+    new_head = load_matching(target, state, head, path, architecture)
     log.info("starting from %s: %d tensors loaded%s", path, len(state) - len(new_head),
              f", a new head ({', '.join(new_head)})" if new_head else "")
     return {"source": source, "file": str(path), "sha256": file_digest(path), "new": new_head}
@@ -90,11 +93,10 @@ def read_weights_file(path: Path) -> dict:
     return content
 
 
-def load_matching(target: nn.Module, state: dict, path: Path, architecture: str) -> list[str]:
-    """Load `state` into `target`, all of it: only the head's tensors may differ in shape (other classes),
-    and those stay as initialised. Returns the names of the tensors left new."""
+def load_matching(target: nn.Module, state: dict, head: set[str], path: Path, architecture: str) -> list[str]:
+    """Load `state` into `target`, all of it: only the head's tensors (`head`, as the architecture defines it)
+    may differ in shape (other classes), and those stay as initialised. Returns the names of the tensors left new."""
     expected = target.state_dict()
-    head = {name for name in expected if name.startswith(head_prefix(target))}
     # BatchNorm fills in a missing batch count itself (torchvision's older files predate it).
     missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")]
     unexpected = [name for name in state if name not in expected]
@@ -109,9 +111,3 @@ def load_matching(target: nn.Module, state: dict, path: Path, architecture: str)
     new = [name for name in misshapen if name in head]
     target.load_state_dict({name: tensor for name, tensor in state.items() if name not in new}, strict=False)
     return new
-
-
-def head_prefix(target: nn.Module) -> str:
-    """The state-dict name prefix of the last linear layer, the classification head."""
-    name = [name for name, layer in target.named_modules() if isinstance(layer, nn.Linear)][-1]
-    return f"{name}."

@@ -42,7 +42,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from stages.datasets import load_split
 from stages.errors import StageError, run_stage
-from stages.explain import explanation_grid_png, grad_cam
+from stages.explain import explanation_grid_png, explanation_method, heat_maps
 from stages.hardware import cpu_model_name
 from stages.metrics import HEADLINE
 from stages.models import Classifier, load_checkpoint
@@ -55,8 +55,9 @@ LIBRARIES = ("torch", "torchvision", "numpy", "scikit-learn", "dvc", "dvclive")
 HISTORY = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
 # Past this many classes the counts no longer fit in the confusion matrix's cells.
 MAX_CLASSES_WITH_COUNTS = 30
-COMPRESSION_COLUMNS = ["variant", "format", "precision", "backend", "size_bytes", "sparsity", "accuracy",
-                       "latency_ms", "images_per_second", "size_ratio", "speedup", "accuracy_change"]
+COMPRESSION_FIGURES = ["size_bytes", "sparsity", "accuracy", "latency_ms", "images_per_second", "size_ratio",
+                       "speedup", "accuracy_change"]
+COMPRESSION_COLUMNS = ["variant", "format", "precision", "backend", *COMPRESSION_FIGURES, "skipped"]
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # caption colours of right and wrong predictions
 MISCLASSIFIED_PER_ROW = 8
 
@@ -114,7 +115,7 @@ def main() -> None:
 
     reports = Path(args.reports)
     classes = meta["classes"]
-    log.info("drawing the pictures: confusion matrix, learning curves, mistakes, Grad-CAM explanations")
+    log.info("drawing the pictures: confusion matrix, learning curves, mistakes, explanations")
     confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, classes))
     curves = Picture("Learning curves", reports / "learning_curves.png", learning_curves_png(history))
     preview = Picture("Augmented training samples", inputs["preview"], inputs["preview"].read_bytes())
@@ -122,12 +123,12 @@ def main() -> None:
     grid = Picture("Misclassified test images, most confident first: actual → predicted, confidence",
                    reports / "misclassified.png",
                    misclassified_png(test_images, mistakes.head(settings.misclassified_grid)))
-    by_class = Picture("Grad-CAM for the predicted class: the first test images of each class",
+    by_class = Picture("Evidence for the predicted class: the first test images of each class",
                        reports / "explained_classes.png",
                        explanations_png(model, test_images, first_of_each_class(predictions, classes,
                                                                                 settings.explained_per_class),
                                         classes, pairs_per_row=settings.explained_per_class))
-    confident_wrong = Picture("Grad-CAM for the predicted class: the most confident mistakes",
+    confident_wrong = Picture("Evidence for the predicted class: the most confident mistakes",
                               reports / "explained_mistakes.png",
                               explanations_png(model, test_images, mistakes.head(settings.explained_mistakes),
                                                classes, pairs_per_row=4))
@@ -138,7 +139,8 @@ def main() -> None:
         per_class_section(per_class),
         confusion_section(confusion, predictions),
         mistakes_section(grid, mistakes, settings.misclassified_grid),
-        explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes),
+        explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes,
+                             explanation_method(model)),
         compression_section(compression, compression_summary, params.compress),
         learning_curves_section(curves, train_summary),
         data_section(meta, download, augment, params.augment, preview),
@@ -337,12 +339,12 @@ def misclassified_png(images: np.ndarray, mistakes: pd.DataFrame) -> bytes:
 
 def explanations_png(model: Classifier, images: np.ndarray, chosen: pd.DataFrame, classes: list[str],
                      pairs_per_row: int) -> bytes:
-    """Each chosen test image beside its Grad-CAM heat map for the class the model predicted."""
+    """Each chosen test image beside its heat map (stages/explain.py) for the class the model predicted."""
     pictures = np.stack([images[int(index)] for index in chosen["image"]]) if len(chosen) else np.empty((0,))
-    heat_maps = grad_cam(model, pictures, [classes.index(name) for name in chosen["predicted"]]) if len(chosen) else []
+    maps = heat_maps(model, pictures, [classes.index(name) for name in chosen["predicted"]])[0] if len(chosen) else []
     captions, colours = zip(*(caption(row) for row in chosen.itertuples())) if len(chosen) else ((), ())
     # One class per row when a few images per class are asked for, rows of four otherwise.
-    return explanation_grid_png(pictures, heat_maps, captions, colours,
+    return explanation_grid_png(pictures, maps, captions, colours,
                                 pairs_per_row=pairs_per_row if 2 <= pairs_per_row <= 6 else 4)
 
 
@@ -396,10 +398,11 @@ def mistakes_section(picture: Picture, mistakes: pd.DataFrame, shown: int) -> Se
     ])
 
 
-def explanations_section(by_class: Picture, mistakes: Picture, per_class: int, mistake_count: int) -> Section:
+def explanations_section(by_class: Picture, mistakes: Picture, per_class: int, mistake_count: int, method: str
+                         ) -> Section:
     blocks: list[Block] = [
-        "Grad-CAM (Captum's LayerGradCam on the last convolution): red is where the evidence for the predicted "
-        "class is strongest. Captions: the actual class, → the predicted one when it differs, the confidence.",
+        f"Heat maps by {method}: red is where the evidence for the predicted class is strongest. Captions: the "
+        "actual class, → the predicted one when it differs, the confidence.",
     ]
     if per_class:
         blocks.append(by_class)
@@ -409,25 +412,30 @@ def explanations_section(by_class: Picture, mistakes: Picture, per_class: int, m
 
 
 def compression_section(compression: pd.DataFrame, summary: dict, settings: CompressParams) -> Section:
+    # A skipped variant's figures are empty cells, which make their columns text: numbers again for the rest.
+    measured = compression[compression["skipped"] == ""].copy()
+    for column in COMPRESSION_FIGURES:
+        measured[column] = pd.to_numeric(measured[column])
     table = pd.DataFrame({
-        "variant": compression["variant"],
-        "format": compression["format"],
-        "precision": compression["precision"],
-        "backend": compression["backend"],
-        "file size": compression["size_bytes"].map(file_size),
-        "vs fp32": compression["size_ratio"].map("{:.0%}".format),
-        "zero weights": compression["sparsity"].map("{:.0%}".format),
-        "accuracy": compression["accuracy"].map("{:.2%}".format),
-        "accuracy change": (100 * compression["accuracy_change"]).map("{:+.2f} pp".format),
-        "latency, batch 1": compression["latency_ms"].map("{:.3f} ms".format),
-        "speedup": compression["speedup"].map("{:.2f}×".format),
-        "images/s": compression["images_per_second"].map("{:.0f}".format),
+        "variant": measured["variant"],
+        "format": measured["format"],
+        "precision": measured["precision"],
+        "backend": measured["backend"],
+        "file size": measured["size_bytes"].map(file_size),
+        "vs fp32": measured["size_ratio"].map("{:.0%}".format),
+        "zero weights": measured["sparsity"].map("{:.0%}".format),
+        "accuracy": measured["accuracy"].map("{:.2%}".format),
+        "accuracy change": (100 * measured["accuracy_change"]).map("{:+.2f} pp".format),
+        "latency, batch 1": measured["latency_ms"].map("{:.3f} ms".format),
+        "speedup": measured["speedup"].map("{:.2f}×".format),
+        "images/s": measured["images_per_second"].map("{:.0f}".format),
     })
+    skipped = [f"Variant {row.variant} skipped: {row.skipped}." for row in compression.itertuples() if row.skipped]
     how = (f"Measured by stage compress on {summary['cpu']} with {summary['threads']} thread(s): latency is the "
            f"median of {settings.latency_repeats} single-image runs, images/s the throughput over the test split "
            f"at batch {settings.batch_size}, accuracy without test-time augmentation. The int8 backend is the "
            f"one this machine's torch offered ({summary['int8_backend']}): timings compare only within one machine.")
-    return Section("Compressed variants", [table, how])
+    return Section("Compressed variants", [table, *skipped, how])
 
 
 def file_size(size: int) -> str:

@@ -30,8 +30,9 @@ from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.models import (Classifier, ConvNet, as_images_nchw, as_unit_floats, build_model, save_checkpoint,
-                           smallest_image_side)
+from stages.architectures import family_of, main_and_auxiliary
+from stages.models import (Classifier, ConvNet, as_images_nchw, as_unit_floats, build_model, head_parameters,
+                           save_checkpoint, smallest_image_side)
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
 from stages.pretrained import load_initial_weights
@@ -162,10 +163,13 @@ def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet)
 
 
 def set_up_batchnorm(model: torch.nn.Module, settings: TrainParams) -> None:
+    momentum = settings.batchnorm_momentum
+    if momentum is None:
+        momentum = family_of(settings.model).batchnorm_momentum
     for layer in model.modules():
         if isinstance(layer, torch.nn.BatchNorm2d):
-            if settings.batchnorm_momentum is not None:  # else the network's own
-                layer.momentum = settings.batchnorm_momentum
+            if momentum is not None:  # else the network's own
+                layer.momentum = momentum
             # Frozen at 1, as airbench: BatchNorm only standardises and shifts; the next conv scales.
             layer.weight.requires_grad_(not settings.frozen_batchnorm_scale)
 
@@ -242,22 +246,18 @@ def nonempty(groups: list[dict]) -> list[dict]:
 
 
 def parameter_groups(model: Classifier, settings: TrainParams) -> ParameterGroups:
-    head = last_linear(model)
+    head_weights = [p for p in head_parameters(model) if p.ndim >= 2]  # its biases are biases
     whitening = [model.network.whiten.bias] if isinstance(model.network, ConvNet) else []
-    special = {id(p) for p in [head.weight, *whitening]}
+    special = {id(p) for p in [*head_weights, *whitening]}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
     return ParameterGroups(
         filters=[p for p in trainable if p.ndim == 4],
-        head=[head.weight] if head.weight.requires_grad else [],
+        head=[p for p in head_weights if p.requires_grad],
         weights=[p for p in trainable if p.ndim in (2, 3)],
         biases=[p for p in trainable if p.ndim <= 1],
         whitening_bias=[p for p in whitening if p.requires_grad],
         settings=settings,
     )
-
-
-def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
-    return [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)][-1]
 
 
 def trainable_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
@@ -414,7 +414,8 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: Tr
         if side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         labels = train_set.labels[indices.to(compute.device)]
-        loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of)
+        loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of,
+                                  family_of(settings.model).aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
@@ -424,11 +425,13 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: Tr
 
 
 def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, optimizers, schedules,
-               loss_of) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch forward, backward and every optimiser's step; the loss and logits."""
+               loss_of, aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch forward, backward and every optimiser's step; the loss and logits. Auxiliary classifiers
+    (GoogLeNet's, Inception v3's) add their losses at `aux_weight` each, as in their papers."""
     with compute.autocast():
-        logits = model(images.contiguous(memory_format=torch.channels_last))
-    loss = loss_of(logits, labels)
+        outputs = model(images.contiguous(memory_format=torch.channels_last))
+    logits, auxiliary = main_and_auxiliary(outputs)
+    loss = loss_of(logits, labels) + sum(aux_weight * loss_of(extra, labels) for extra in auxiliary)
     loss.backward()
     for optimizer, schedule in zip(optimizers, schedules):
         if isinstance(optimizer, torch.optim.Muon):
@@ -444,8 +447,8 @@ class Backbone:
     running statistics included, while a new head learns on its features: fine-tuning's usual first step,
     so that the head's first, large, random gradients do not reach the pretrained layers."""
 
-    def __init__(self, model: torch.nn.Module):
-        head = {id(parameter) for parameter in last_linear(model).parameters()}
+    def __init__(self, model: Classifier):
+        head = {id(parameter) for parameter in head_parameters(model)}
         self.parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
         self.batchnorms = [layer for layer in model.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
         self.frozen = False

@@ -126,7 +126,7 @@ def write_compression(reports: Path) -> None:
         "format": ["checkpoint", "TorchScript"], "precision": ["fp32", "int8"], "backend": ["eager", "x86"],
         "size_bytes": [2_400_000, 640_000], "sparsity": [0.0, 0.0], "accuracy": [0.8, 0.7667],
         "latency_ms": [4.0, 1.0], "images_per_second": [900.0, 3600.0], "batch_size": [256, 256], "threads": [1, 1],
-        "size_ratio": [1.0, 0.2667], "speedup": [1.0, 4.0], "accuracy_change": [0.0, -0.0333],
+        "size_ratio": [1.0, 0.2667], "speedup": [1.0, 4.0], "accuracy_change": [0.0, -0.0333], "skipped": ["", ""],
     }).to_csv(reports / "compression.csv", index=False)
     (reports / "compression.json").write_text(json.dumps({
         "cpu": "Tiny CPU 3000", "threads": 1, "int8_backend": "x86",

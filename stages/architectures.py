@@ -1,0 +1,221 @@
+"""What the code knows about each architecture `train.model` names, in one table.
+
+The project's own `lenet` and `convnet`, and every classifier of torchvision's registry
+(`torchvision.models.list_models(module=torchvision.models)`): torchvision's names are never listed
+here. Its models are told apart by family, the module torchvision builds them in (`resnet` holds
+ResNet, ResNeXt and Wide ResNet), and each family says how it meets small images, which of its layers
+Grad-CAM explains, whether int8 quantisation applies, and what its auxiliary classifiers weigh in the loss.
+Params validation, train, evaluate, compress, report, predict and the bench read it from here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.vision_transformer import interpolate_embeddings
+
+PROJECT_MODELS = ("lenet", "convnet")
+# Below this side, the stems that downsample most (a strided 7x7 conv and a max-pool) stop downsampling.
+SMALL_IMAGE_SIDE = 64
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the networks of one family meet this pipeline."""
+
+    title: str  # as the README names it
+    min_side: int = 1  # images smaller than this are resized up to it inside the model
+    side_multiple: int = 1  # the network takes sides that are multiples of this only (windows): resized up to one
+    cut_stem: Callable[[nn.Module], None] | None = None  # under SMALL_IMAGE_SIDE: the stem stops downsampling
+    batchnorm: bool = True  # has BatchNorm layers (train.batchnorm_momentum, frozen_batchnorm_scale apply)
+    batchnorm_momentum: float | None = None  # used instead of the network's own unless train.batchnorm_momentum is set
+    aux_weight: float = 0.0  # the auxiliary classifiers' share of the training loss
+    aux_modules: tuple[str, ...] = ()  # their branches, which Grad-CAM leaves out
+    attention: bool = False  # a transformer: explained by integrated gradients, Grad-CAM has no feature map to use
+    int8: str | None = None  # why static int8 quantisation does not apply, or None when it does
+
+
+def cut_resnet_stem(network: nn.Module) -> None:
+    # As the CIFAR ResNets (He et al., 2016, section 4.2): the first stage sees the image at full
+    # resolution, so neither the stem's stride nor its max-pool. The 7x7 kernel stays, so that
+    # ImageNet weights still load unchanged.
+    network.conv1.stride = (1, 1)
+    network.maxpool = nn.Identity()
+
+
+def cut_densenet_stem(network: nn.Module) -> None:
+    # The same stem as ResNet's, cut the same way (as the CIFAR DenseNets, Huang et al., 2017).
+    network.features.conv0.stride = (1, 1)
+    network.features.pool0 = nn.Identity()
+
+
+def cut_mobilenet_v3_stem(network: nn.Module) -> None:
+    # The stem and the first block each halve the image: without both, 32 px ends in 4x4 maps, not 1x1.
+    network.features[0][0].stride = (1, 1)
+    network.features[1].block[0][0].stride = (1, 1)
+
+
+CHANNELS_LAST_MEAN = ("its quantised global mean cannot take the channels_last tensors its int8 convolutions give "
+                      "(torch.ao FX, measured: 'required rank 4 tensor to use channels_last format')")
+
+# The families of torchvision's classifiers, by the module that builds them; the minimum sides were
+# measured with each family's smallest member (tests/test_architectures.py checks every member).
+FAMILIES = {
+    "alexnet": Family("AlexNet", min_side=63),
+    "convnext": Family("ConvNeXt", min_side=32, batchnorm=False),
+    "densenet": Family("DenseNet", cut_stem=cut_densenet_stem),
+    "efficientnet": Family("EfficientNet (v1, v2)"),
+    # GoogLeNet's auxiliary classifiers weigh 0.3 each, as in its paper (Szegedy et al., 2015).
+    "googlenet": Family("GoogLeNet", min_side=16, aux_weight=0.3, aux_modules=("aux1", "aux2")),
+    # Inception v3's auxiliary classifier needs 17x17 maps, which only its native 299 px give: it is
+    # built with it from 299 px (weighing 0.4, as PyTorch's fine-tuning tutorial), without below.
+    "inception": Family("Inception v3", min_side=75, aux_weight=0.4, aux_modules=("AuxLogits",)),
+    "maxvit": Family("MaxViT", side_multiple=224, attention=True),
+    # MNASNet's BatchNorm momentum, 0.0003 (TensorFlow's decay 0.9997), is made for ImageNet's long runs: in
+    # a short one the running statistics stay near their initial values, and in eval mode the network
+    # diverges (measured: infinite activations after one step from scratch). PyTorch's default instead.
+    "mnasnet": Family("MNASNet", batchnorm_momentum=0.1, int8=CHANNELS_LAST_MEAN),
+    "mobilenetv2": Family("MobileNet v2"),
+    "mobilenetv3": Family("MobileNet v3", cut_stem=cut_mobilenet_v3_stem),
+    "regnet": Family("RegNet"),
+    "resnet": Family("ResNet, ResNeXt, Wide ResNet", cut_stem=cut_resnet_stem),
+    "shufflenetv2": Family("ShuffleNet v2", int8=CHANNELS_LAST_MEAN),
+    "squeezenet": Family("SqueezeNet", min_side=24),
+    "swin_transformer": Family("Swin Transformer (v1, v2)", batchnorm=False, attention=True),
+    "vgg": Family("VGG", min_side=32),
+    # Built for the image side (rounded up to whole patches): its position embeddings, and ImageNet's, are
+    # interpolated to that many patches.
+    "vision_transformer": Family("Vision Transformer", batchnorm=False, attention=True),
+}
+PROJECT_FAMILIES = {
+    "lenet": Family("LeNet (the PyTorch tutorial's)", batchnorm=False),
+    "convnet": Family("conv net (airbench)"),
+}
+INCEPTION_NATIVE_SIDE = 299
+
+
+@cache
+def torchvision_models() -> tuple[str, ...]:
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def known_models() -> tuple[str, ...]:
+    return PROJECT_MODELS + torchvision_models()
+
+
+def is_torchvision(name: str) -> bool:
+    return name in torchvision_models()
+
+
+def unknown_model_message(name: str) -> str:
+    close = difflib.get_close_matches(name, known_models(), n=3, cutoff=0.6)
+    suggestion = f"; did you mean {' or '.join(close)}?" if close else ""
+    return (f"must be lenet, convnet or a classifier of torchvision's registry (torchvision.models.list_models(), "
+            f"{len(torchvision_models())} names: resnet50, vgg16_bn, inception_v3, vit_b_16, ...){suggestion}")
+
+
+def module_of(name: str) -> str:
+    """The torchvision module that builds `name` (its family)."""
+    return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[1]
+
+
+def family_of(name: str) -> Family:
+    return PROJECT_FAMILIES[name] if name in PROJECT_FAMILIES else FAMILIES[module_of(name)]
+
+
+def uses_batchnorm(name: str) -> bool:
+    return name in known_models() and family_of(name).batchnorm
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def builder_options(name: str, image_size: int) -> dict:
+    """The builder's keyword arguments besides num_classes, for this image size."""
+    family = module_of(name)
+    if family == "vision_transformer":
+        return {"image_size": vit_side(name, image_size)}
+    if family == "inception":
+        return {"aux_logits": image_size >= INCEPTION_NATIVE_SIDE, "init_weights": True}
+    if family == "googlenet":
+        return {"aux_logits": True, "init_weights": True}
+    return {}
+
+
+def vit_side(name: str, image_size: int) -> int:
+    """The side a Vision Transformer is built for: the image's, rounded up to whole patches."""
+    with torch.device("meta"):
+        patch = torchvision.models.get_model(name, weights=None).patch_size
+    return math.ceil(image_size / patch) * patch
+
+
+def torchvision_network(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's network with a head for `num_classes`, its stem cut for small images where its family says."""
+    network = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                           **builder_options(name, image_size))
+    family = family_of(name)
+    if family.cut_stem is not None and image_size < SMALL_IMAGE_SIDE:
+        family.cut_stem(network)
+    return network
+
+
+def input_side(name: str, image_size: int) -> int:
+    """The side the network is given: the image's, resized up inside the model where the family needs more."""
+    family = family_of(name)
+    if is_torchvision(name) and module_of(name) == "vision_transformer":
+        return vit_side(name, image_size)
+    side = max(image_size, family.min_side)
+    return math.ceil(side / family.side_multiple) * family.side_multiple
+
+
+def fit_imagenet_weights(name: str, network: nn.Module, state: dict) -> dict:
+    """torchvision's published state dict, made to fit the network as built here."""
+    family = module_of(name)
+    if family == "vision_transformer":
+        # Position embeddings for another number of patches: interpolated, as torchvision does for
+        # fine-tuning at other resolutions.
+        return interpolate_embeddings(network.image_size, network.patch_size, state)
+    if family == "inception" and network.AuxLogits is None:
+        return {key: value for key, value in state.items() if not key.startswith("AuxLogits.")}
+    if family in ("inception", "googlenet"):
+        # Those weights were trained on images scaled to [-1, 1]: with ImageNet's normalisation, the network
+        # converts its input back, as torchvision's builders switch on when they load them.
+        network.transform_input = True
+    return state
+
+
+# --- what the network is made of --------------------------------------------------------------
+
+
+def head_names(network: nn.Module, probe: nn.Module) -> set[str]:
+    """The state-dict names of the head: the tensors whose shape follows the number of classes, found by
+    comparing the network with a `probe` built alike for one class more (the auxiliary heads included)."""
+    probe_shapes = {name: tensor.shape for name, tensor in probe.state_dict().items()}
+    return {name for name, tensor in network.state_dict().items() if probe_shapes.get(name) != tensor.shape}
+
+
+def explained_layer(network: nn.Module, family: Family, head: set[str]) -> nn.Module | None:
+    """The layer Grad-CAM explains: the last convolution outside the head and the auxiliary branches, whose
+    feature maps are the finest that still see whole objects; None for transformers."""
+    if family.attention:
+        return None
+    skipped = tuple(f"{module}." for module in family.aux_modules)
+    head_modules = {name.rsplit(".", 1)[0] for name in head}
+    convolutions = [module for name, module in network.named_modules() if isinstance(module, nn.Conv2d)
+                    and not f"{name}.".startswith(skipped) and name not in head_modules]
+    return convolutions[-1] if convolutions else None
+
+
+def main_and_auxiliary(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits, and the auxiliary classifiers' (GoogLeNet and Inception v3 return them in training)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, []
+    main, *auxiliary = outputs
+    return main, [logits for logits in auxiliary if logits is not None]
