@@ -24,7 +24,8 @@ from stages.architectures import family_of
 from stages.hardware import resolve_compute
 from stages.models import as_unit_floats, smallest_image_side
 from stages.params import load_params
-from stages.train import ImageSet, create_model, loss_function, make_optimizers, make_schedules, train_step
+from stages.image_sets import ImageSet
+from stages.train import create_model, loss_function, make_optimizers, make_schedules, train_step
 
 from bench.pipeline import params_for_preset, parse_overrides, read_params, write_params
 

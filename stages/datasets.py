@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.errors import StageError
 from stages.outputs import file_digest, partial_folder, replace_folder
 
 
@@ -30,12 +31,26 @@ class Split:
     labels: np.ndarray  # (N,) int64
 
 
-def load_split(prepared_dir: str | Path, split: str) -> Split:
-    """Memory-map one split of a prepared folder."""
+def load_split(prepared_dir: str | Path, split: str, made_by: str = "download") -> Split:
+    """Memory-map one split of a prepared folder (written by stage `made_by`)."""
     prepared_dir = Path(prepared_dir)
-    images = np.load(prepared_dir / f"{split}_images.npy", mmap_mode="r")
-    labels = np.load(prepared_dir / f"{split}_labels.npy")
+    images = read_array(prepared_dir / f"{split}_images.npy", made_by, mmap_mode="r")
+    labels = read_array(prepared_dir / f"{split}_labels.npy", made_by)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise StageError(f"{prepared_dir}: {split}_images.npy holds {images.shape} images but {split}_labels.npy "
+                         f"{labels.shape} labels; run `dvc repro -f {made_by}` to write them again")
     return Split(images, labels)
+
+
+def read_array(path: Path, made_by: str, mmap_mode: str | None = None) -> np.ndarray:
+    """A .npy file of a prepared folder; a missing, truncated or damaged one stops the stage in one line."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        problem = "is missing"
+    except (ValueError, EOFError, OSError) as error:  # numpy's words for a short or damaged file
+        problem = f"is truncated or damaged ({error})"
+    raise StageError(f"{path} {problem}; run `dvc repro -f {made_by}` to write it again")
 
 
 def load_meta(prepared_dir: str | Path) -> dict:

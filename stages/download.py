@@ -10,14 +10,20 @@ archive in image-folder layout (see stages/image_folders.py) or in CIFAR python 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import http.client
 import logging
+import multiprocessing
 import os
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -213,19 +219,19 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
         slots.update((name, (split, index)) for index, name in enumerate(names))
 
     skipped = []
-    log.info("decoding %d images from %s", len(slots), source.label)
-    with tqdm(total=len(slots), unit="img", desc="decoding", disable=None) as bar:
-        for name, payload in source.read(set(slots)):
+    processes = usable_cores()
+    log.info("decoding %d images from %s with %d process(es)", len(slots), source.label, processes)
+    with decoders(processes) as pool, tqdm(total=len(slots), unit="img", desc="decoding", disable=None) as bar:
+        for name, image in decoded(source, set(slots), data, pool, processes):
             split, index = slots[name]
-            try:
-                arrays[split][index] = decode_image(payload, data.image_size, f"{source.label}: {name}",
-                                                    data.max_image_pixels)
-            except BadImage as error:
+            if isinstance(image, BadImage):
                 if data.on_bad_image == "error":
-                    raise StageError(f"{error}; fix or remove the file, or set data.on_bad_image: skip") from None
-                log.warning("skipping %s", error)
+                    raise StageError(f"{image}; fix or remove the file, or set data.on_bad_image: skip") from None
+                log.warning("skipping %s", image)
                 keep[split][index] = False
                 skipped.append(name)
+            else:
+                arrays[split][index] = image
             bar.update()
     lost = [name for label, name in enumerate(layout.classes) if not keep["train"][layout.labels["train"] == label].any()]
     if lost:
@@ -237,6 +243,64 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
     if skipped:
         log.warning("skipped %d unreadable image(s) (data.on_bad_image: skip)", len(skipped))
     return sorted(skipped)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def decoders(processes: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of decoding processes, or None with one core. Forked where the platform forks safely (Linux),
+    before any thread starts: a spawned worker would import this stage, torch with it, all over again."""
+    if processes == 1:
+        yield None
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def decoded(source, names: set[str], data: DataParams, pool: ProcessPoolExecutor | None, processes: int
+            ) -> Iterator[tuple[str, np.ndarray | BadImage]]:
+    """Each named image of the source, decoded, or the reason it cannot be: the source is read here, in
+    order (an archive can only be), and decoded by the pool in chunks, a few in flight at a time."""
+    if pool is None:
+        for name, payload in source.read(names):
+            yield name, decode_or_reason(name, payload, source.label, data.image_size, data.max_image_pixels)
+        return
+    in_flight: collections.deque = collections.deque()
+    chunk: list[tuple[str, bytes]] = []
+    for name, payload in source.read(names):
+        chunk.append((name, payload))
+        if len(chunk) == DECODED_TOGETHER:
+            in_flight.append(pool.submit(decode_chunk, chunk, source.label, data.image_size, data.max_image_pixels))
+            chunk = []
+            if len(in_flight) > 2 * processes:
+                yield from in_flight.popleft().result()
+    if chunk:
+        in_flight.append(pool.submit(decode_chunk, chunk, source.label, data.image_size, data.max_image_pixels))
+    while in_flight:
+        yield from in_flight.popleft().result()
+
+
+DECODED_TOGETHER = 64  # images a decoding process is sent at once: fewer round trips, little memory
+
+
+def decode_chunk(chunk: list[tuple[str, bytes]], label: str, image_size: int, max_pixels: int
+                 ) -> list[tuple[str, np.ndarray | BadImage]]:
+    return [(name, decode_or_reason(name, payload, label, image_size, max_pixels)) for name, payload in chunk]
+
+
+def decode_or_reason(name: str, payload: bytes, label: str, image_size: int, max_pixels: int) -> np.ndarray | BadImage:
+    try:
+        return decode_image(payload, image_size, f"{label}: {name}", max_pixels)
+    except BadImage as error:
+        return error
 
 
 def describe_source(data: DataParams, classes: list[str], kind: str, made_test_split: bool, skipped: list[str]) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Literal, get_args
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, computed_field, create_model, field_validator,
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, computed_field, create_model, field_validator,
                       model_validator)
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
@@ -120,6 +120,10 @@ class Machine(Section):
     precision: Literal[PRECISIONS]
     threads: int = Field(ge=0)
     test_each_epoch: bool
+    # Bytes ("4GiB", "512MB" or a number) the training and test images may take in memory, or auto;
+    # sets that do not fit are streamed from their memory maps (stages/image_sets.py).
+    memory_budget: Literal["auto"] | ByteSize
+    loader_workers: Literal["auto"] | Annotated[int, Field(ge=0)]
 
 
 def _optional(field: FieldInfo) -> tuple:

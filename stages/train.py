@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
@@ -27,11 +26,12 @@ from dvclive import Live
 from tqdm import tqdm
 
 from stages.augmentations import flip_chosen, random_crop, random_flip
-from stages.datasets import load_meta, load_split
+from stages.datasets import Split, load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
+from stages.image_sets import ImageSet, StreamedImageSet, load_image_sets
 from stages.architectures import family_of, main_and_auxiliary
-from stages.models import (Classifier, ConvNet, as_images_nchw, as_unit_floats, build_model, head_parameters,
+from stages.models import (Classifier, ConvNet, as_unit_floats, build_model, head_parameters,
                            save_checkpoint, smallest_image_side)
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
@@ -40,12 +40,6 @@ from stages.pretrained import load_initial_weights
 log = logging.getLogger("train")
 
 NORMALIZATION_SAMPLE = 10_000  # images the normalisation and whitening statistics are measured on
-
-
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # (N, 3, H, W) uint8, channels_last in memory
-    labels: torch.Tensor  # (N,) int64
 
 
 def main() -> None:
@@ -63,8 +57,9 @@ def main() -> None:
 
     classes = load_meta(args.prepared)["classes"]
     started = time.perf_counter()
-    train_set = load_training_set(Path(args.prepared), Path(args.augmented), compute)
-    test_set = to_image_set(load_split(args.prepared, "test"), compute)
+    train_set, test_set = load_image_sets(training_parts(Path(args.prepared), Path(args.augmented)),
+                                          split_file(Path(args.prepared), "test"), settings.batch_size,
+                                          settings.memory_budget, settings.loader_workers, compute.device)
     load_seconds = time.perf_counter() - started
     model = create_model(settings, classes, train_set)
     initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
@@ -77,7 +72,7 @@ def main() -> None:
         log.info("not used by this recipe (set by preset %s): %s", settings.preset,
                  ", ".join(f"{key} {getattr(settings, key)}" for key in settings.unused))
     log.info("training %s (%.2fM parameters) on %d images, %s, %d threads", settings.model,
-             count_parameters(model) / 1e6, len(train_set.labels), compute.describe(), torch.get_num_threads())
+             count_parameters(model) / 1e6, train_set.count, compute.describe(), torch.get_num_threads())
 
     # DVCLive writes into a hidden folder that becomes <live> at the end: a run killed midway
     # leaves no curves or summary that look like a finished run's.
@@ -86,7 +81,7 @@ def main() -> None:
         # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
         live.log_params(settings.model_dump(mode="json"))
         train_seconds = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
-        images_seen = len(train_set.labels) * settings.epochs
+        images_seen = train_set.count * settings.epochs
         summary = {
             "load_seconds": round(load_seconds, 3),  # the prepared train and test sets into memory
             "train_seconds": round(train_seconds, 2),
@@ -94,12 +89,12 @@ def main() -> None:
             "device": compute.device.type,
             "precision": compute.precision,
             "threads": torch.get_num_threads(),
-            "train_images": len(train_set.labels),
+            "train_images": train_set.count,
         }
         for name, value in summary.items():
             live.log_metric(name, value, plot=False)
 
-    description = describe_run(model, classes, train_set.images.shape[-1], params, compute, summary)
+    description = describe_run(model, classes, train_set.side, params, compute, summary)
     description["initial_weights"] = initial_weights  # the file and its sha256: `dvc repro` does not watch it
     save_checkpoint(Path(args.model), model, description)
     log.info("saved %s: %.1f s of training, %.0f images/s", args.model, train_seconds, summary["images_per_second"])
@@ -117,24 +112,17 @@ def parse_args() -> argparse.Namespace:
 # --- data ----------------------------------------------------------------------------------
 
 
-def load_training_set(prepared: Path, augmented: Path, compute: Compute) -> ImageSet:
+def training_parts(prepared: Path, augmented: Path) -> list[tuple[Path, Split]]:
     """The prepared training images plus augment's offline copies, if it made any."""
-    parts = [load_split(prepared, "train")]
+    parts = [split_file(prepared, "train")]
     copies = json.loads((augmented / "meta.json").read_text())
     if copies["count"] > 0:
-        parts.append(load_split(augmented, "copies"))
-    images = np.concatenate([part.images for part in parts])
-    labels = np.concatenate([part.labels for part in parts])
-    return to_image_set_arrays(images, labels, compute)
+        parts.append(split_file(augmented, "copies", made_by="augment"))
+    return parts
 
 
-def to_image_set(split, compute: Compute) -> ImageSet:
-    return to_image_set_arrays(split.images, split.labels, compute)
-
-
-def to_image_set_arrays(images: np.ndarray, labels: np.ndarray, compute: Compute) -> ImageSet:
-    # Kept as uint8, a quarter of the floats' memory; on a GPU the whole set moves there once.
-    return ImageSet(as_images_nchw(images).to(compute.device), torch.from_numpy(labels).to(compute.device))
+def split_file(folder: Path, split: str, made_by: str = "download") -> tuple[Path, Split]:
+    return folder / f"{split}_images.npy", load_split(folder, split, made_by)
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -146,14 +134,14 @@ def batches(count: int, batch_size: int, generator: torch.Generator | None) -> l
 # --- model, optimiser, schedule, loss ------------------------------------------------------
 
 
-def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet) -> Classifier:
+def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet | StreamedImageSet) -> Classifier:
     # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
     # first images can be a few classes only, and the statistics and whitening would be theirs.
-    stride = math.ceil(len(train_set.images) / NORMALIZATION_SAMPLE)
-    sample = as_unit_floats(train_set.images[::stride].cpu())
+    stride = math.ceil(train_set.count / NORMALIZATION_SAMPLE)
+    sample = as_unit_floats(train_set.every(stride))
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    model = build_model(settings.model, len(classes), train_set.images.shape[-1], settings.widths, mean, std)
+    model = build_model(settings.model, len(classes), train_set.side, settings.widths, mean, std)
     if isinstance(model.network, ConvNet):
         model.network.fit_whitening(model.normalize(sample))
         if settings.whiten_bias_epochs == 0:
@@ -345,12 +333,12 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds."""
     settings = params.train
     loss_of = loss_function(settings, num_classes)
-    steps_per_epoch = math.ceil(len(train_set.labels) / min(settings.batch_size, len(train_set.labels)))
+    steps_per_epoch = math.ceil(train_set.count / min(settings.batch_size, train_set.count))
     optimizers = make_optimizers(model, settings)
     schedules = make_schedules(optimizers, settings, steps_per_epoch)
     average = weight_average(model, settings.ema_decay)
     kept = average.module if average is not None else model  # what is scored each epoch, and saved
-    flips = Flips(settings.flip, len(train_set.labels), generator)
+    flips = Flips(settings.flip, train_set.count, generator)
     backbone = Backbone(model)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
@@ -399,29 +387,28 @@ def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def train_one_epoch(model, backbone: Backbone, train_set: ImageSet, settings: TrainParams, compute: Compute, generator,
+def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedImageSet, settings: TrainParams, compute: Compute, generator,
                     optimizers, schedules, loss_of, flips: Flips, epoch: int,
                     average: AveragedModel | None) -> tuple[float, float]:
     model.train()
     backbone.hold_statistics_if_frozen()
-    side = image_side(settings, epoch, train_set.images.shape[-1])
+    side = image_side(settings, epoch, train_set.side)
     total_loss = torch.zeros((), device=compute.device)
     total_correct = torch.zeros((), device=compute.device)
-    for indices in tqdm(batches(len(train_set.labels), settings.batch_size, generator), desc=f"epoch {epoch}",
-                        leave=False, disable=None):
-        images = as_unit_floats(train_set.images[indices.to(compute.device)])
-        images = random_crop(flips.apply(images, indices, epoch), settings.translate, generator)
+    # The batch order is drawn before the first batch is read, as loader workers read ahead.
+    order = batches(train_set.count, settings.batch_size, generator)
+    for indices, (images, labels) in tqdm(zip(order, train_set.batches(order)), total=len(order),
+                                          desc=f"epoch {epoch}", leave=False, disable=None):
+        images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate, generator)
         if side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
-        labels = train_set.labels[indices.to(compute.device)]
         loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of,
                                   family_of(settings.model).aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
-    count = len(train_set.labels)
-    return total_loss.item() / count, total_correct.item() / count
+    return total_loss.item() / train_set.count, total_correct.item() / train_set.count
 
 
 def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, optimizers, schedules,
@@ -494,18 +481,17 @@ class Flips:
 
 
 @torch.inference_mode()
-def measure(model: Classifier, image_set: ImageSet, compute: Compute, loss_of, batch_size: int) -> tuple[float, float]:
+def measure(model: Classifier, image_set: ImageSet | StreamedImageSet, compute: Compute, loss_of, batch_size: int
+            ) -> tuple[float, float]:
     """Loss and accuracy on a whole set, without augmentation."""
     model.eval()
     total_loss, total_correct = 0.0, 0
-    for indices in batches(len(image_set.labels), batch_size, generator=None):
-        indices = indices.to(compute.device)
+    for images, labels in image_set.batches(batches(image_set.count, batch_size, generator=None)):
         with compute.autocast():
-            logits = model(as_unit_floats(image_set.images[indices]))
-        labels = image_set.labels[indices]
+            logits = model(as_unit_floats(images))
         total_loss += loss_of(logits, labels).item() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum().item()
-    return total_loss / len(image_set.labels), total_correct / len(image_set.labels)
+    return total_loss / image_set.count, total_correct / image_set.count
 
 
 def describe_run(model: Classifier, classes: list[str], image_size: int, params: Params, compute: Compute,

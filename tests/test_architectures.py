@@ -20,8 +20,8 @@ from stages.models import as_images_nchw, build_model, head_parameters, load_che
 from stages.params import load_params
 from stages.predict import PixelLimit, classify
 from stages.pretrained import load_initial_weights
-from stages.train import (ImageSet, create_model, describe_run, loss_function, make_optimizers, make_schedules,
-                          train_step)
+from stages.image_sets import ImageSet
+from stages.train import create_model, describe_run, loss_function, make_optimizers, make_schedules, train_step
 
 CLASSES = ["cat", "dog", "owl"]
 SIDE = 32  # CIFAR's
@@ -132,7 +132,8 @@ def test_one_of_each_family_trains_a_step_saves_loads_with_weights_only_and_pred
 def imagenet_state(name: str, seed: int = 1) -> dict[str, torch.Tensor]:
     """A state dict as torchvision publishes for `name` (1000 classes, its native input), random here."""
     torch.manual_seed(seed)
-    return torchvision.models.get_model(name, weights=None).state_dict()
+    options = {"init_weights": False} if name == "inception_v3" else {}  # torchvision's own, not slow scipy's
+    return torchvision.models.get_model(name, weights=None, **options).state_dict()
 
 
 def into_torch_cache(name: str, state: dict, torch_home) -> None:

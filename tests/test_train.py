@@ -22,7 +22,8 @@ from stages.errors import StageError
 from stages.hardware import cpu_has_native_bf16, resolve_compute
 from stages.models import ConvNet, LeNet, build_model, load_checkpoint
 from stages.params import load_params
-from stages.train import Flips, ImageSet, create_model, image_side, measure, to_image_set, weight_average
+from stages.image_sets import ImageSet, in_memory
+from stages.train import Flips, create_model, image_side, measure, weight_average
 
 CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
 NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -288,7 +289,8 @@ def test_the_last_test_accuracy_logged_is_the_saved_models(trained_project, runs
     project = trained_project if run == "averaged" else finished(runs, run)
     model, description = load_checkpoint(project.model)
     compute = resolve_compute("cpu", description["compute"]["precision"])
-    test_set = to_image_set(load_split(project.prepared, "test"), compute)
+    test = load_split(project.prepared, "test")
+    test_set = in_memory(test.images, test.labels, compute.device)
 
     _, accuracy = measure(model, test_set, compute, lambda logits, labels: logits.sum(),
                           description["params"]["train"]["batch_size"])
