@@ -167,6 +167,9 @@ USED_BY = {
     "momentum": ("train.optimizer sgd, rmsprop or muon", lambda recipe: recipe.optimizer != "adam"),
     "nesterov": ("train.optimizer sgd or muon", lambda recipe: recipe.optimizer in ("sgd", "muon")),
     "label_smoothing": ("train.loss cross_entropy", lambda recipe: recipe.loss == "cross_entropy"),
+    # A random backbone has nothing worth holding: frozen in eval mode, its BatchNorm layers would not even
+    # standardise (measured: inception_v3's loss at 8e15 after a frozen first epoch from scratch).
+    "freeze_epochs": ("train.weights other than random", lambda recipe: recipe.weights != RANDOM),
 }
 # A preset tunes these for its model: they are not carried over to another one.
 ARCHITECTURE_KEYS = ("widths", "whiten_bias_epochs", "batchnorm_momentum", "frozen_batchnorm_scale")

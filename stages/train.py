@@ -39,7 +39,10 @@ from stages.pretrained import load_initial_weights
 
 log = logging.getLogger("train")
 
-NORMALIZATION_SAMPLE = 10_000  # images the normalisation and whitening statistics are measured on
+# The normalisation and whitening statistics are measured on 10,000 images, or as many as hold as many
+# pixels as 10,000 of CIFAR's: their floats (120 MB) stay small beside any train.memory_budget.
+NORMALIZATION_SAMPLE = 10_000
+NORMALIZATION_PIXELS = NORMALIZATION_SAMPLE * 32 * 32
 
 
 def main() -> None:
@@ -137,7 +140,8 @@ def batches(count: int, batch_size: int, generator: torch.Generator | None) -> l
 def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet | StreamedImageSet) -> Classifier:
     # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
     # first images can be a few classes only, and the statistics and whitening would be theirs.
-    stride = math.ceil(train_set.count / NORMALIZATION_SAMPLE)
+    sample_size = max(1, min(NORMALIZATION_SAMPLE, NORMALIZATION_PIXELS // train_set.side**2))
+    stride = math.ceil(train_set.count / sample_size)
     sample = as_unit_floats(train_set.every(stride))
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -342,7 +346,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     backbone = Backbone(model)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
-        backbone.freeze(epoch <= settings.freeze_epochs)
+        backbone.freeze(epoch <= settings.freeze_epochs and "freeze_epochs" not in settings.unused)
         if isinstance(model.network, ConvNet) and epoch > (settings.whiten_bias_epochs or math.inf):
             # Frozen, not merely at lr 0: the first conv then needs no input gradient (~5 % a step).
             model.network.whiten.bias.requires_grad_(False)
