@@ -114,3 +114,30 @@ def test_a_missing_or_truncated_prepared_array_says_to_run_download_again(traine
     problem = "is missing" if damage == "missing" else "is truncated or damaged"
     assert message.startswith(f"error: {path.relative_to(project.root)} {problem}")
     assert message.endswith("run `dvc repro -f download` to write it again")
+
+
+def test_streaming_keeps_a_set_out_of_the_training_processes_memory(tmp_path):
+    """78 MB of prepared images (1,600 at 128 px), trained on for an epoch in memory and streamed with
+    train.memory_budget 8 MiB: the streamed run's peak anonymous memory (its loader worker's included) is
+    lower by most of the set's size. Measured as bench.memory measures it."""
+    from bench.memory import generate_folder, run_measured, scratch_project
+    from bench.pipeline import apply_overrides, params_for_preset, read_params
+    from bench.processes import PROJECT_ROOT
+
+    images = generate_folder(tmp_path / "images", classes=8, per_class=200, size=(128, 128))
+    params = apply_overrides(params_for_preset(read_params(PROJECT_ROOT / "params.yaml"), "lenet", {}), {
+        "data.source": str(images), "data.image_size": 128, "augment.copies": 0, "train.epochs": 1,
+        "train.batch_size": 8, "train.test_each_epoch": False, "train.device": "cpu", "train.loader_workers": 1})
+    prepared = scratch_project(tmp_path / "prepared", params)
+    for stage in ("download", "augment"):
+        run_measured(stage, prepared)
+    set_bytes = sum(path.stat().st_size for path in (prepared / "data" / "prepared").glob("*_images.npy"))
+    peaks = {}
+    for budget in ("auto", "8MiB"):
+        project = scratch_project(tmp_path / budget, apply_overrides(params, {"train.memory_budget": budget}))
+        (project / "data").symlink_to(prepared / "data")
+        peaks[budget] = run_measured("train", project)["peak_anonymous_mib"] * 2**20
+        (project / "data").unlink()
+
+    assert set_bytes > 70e6
+    assert peaks["8MiB"] < peaks["auto"] - 0.6 * set_bytes, (peaks, set_bytes)
