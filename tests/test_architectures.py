@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from datamaker import image_bytes, write_params
 from stages import architectures
@@ -114,7 +115,8 @@ def test_one_of_each_family_trains_a_step_saves_loads_with_weights_only_and_pred
     for index, image in enumerate(images[:2]):
         files.append(tmp_path / f"{index}.png")
         files[-1].write_bytes(image_bytes(image))
-    predictions = classify(loaded, files, SIDE, PixelLimit(10**6, "--max-image-pixels"), batch_size=2)
+    # Pillow's own limit: decode_image sets Image.MAX_IMAGE_PIXELS to the limit it is given, in this process too.
+    predictions = classify(loaded, files, SIDE, PixelLimit(Image.MAX_IMAGE_PIXELS, "--max-image-pixels"), batch_size=2)
     assert not predictions.failures and len(predictions.probabilities) == 2
     model.eval()
     with torch.no_grad():
