@@ -32,6 +32,7 @@ from tqdm import tqdm
 from stages.cifar import OFFICIAL, OfficialArchive, cifar_format_of, read_cifar_archive, resize_images
 from stages.datasets import PreparedWriter
 from stages.errors import StageError, run_stage
+from stages.hardware import usable_cores
 from stages.image_folders import BadImage, Layout, decode_image, open_image_folder, plan_layout
 from stages.outputs import PARTIAL_SUFFIX, file_digest, write_json
 from stages.params import DataParams, load_params
@@ -243,10 +244,6 @@ def decode_into(writer: PreparedWriter, source, layout: Layout, data: DataParams
     if skipped:
         log.warning("skipped %d unreadable image(s) (data.on_bad_image: skip)", len(skipped))
     return sorted(skipped)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stages.datasets import Split
 from stages.errors import StageError
+from stages.hardware import usable_cores
 from stages.models import as_images_nchw
 
 log = logging.getLogger("train")
@@ -182,8 +182,7 @@ def resolve_workers(workers: int | str) -> int:
     rest train; 0 reads in the training process itself."""
     if workers != AUTO:
         return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 4))
+    return max(1, min(4, usable_cores() // 4))
 
 
 def in_words(size: int) -> str:
