@@ -68,6 +68,25 @@ def test_every_registry_classifier_builds_for_small_images_with_a_head_for_the_c
         assert architectures.explained_layer(model.network, family, model.head) is not None
 
 
+@pytest.mark.parametrize("name, side, features", [("vgg11_bn", 32, 512), ("vgg11_bn", 100, 512 * 3**2),
+                                                  ("alexnet", 64, 256)])
+def test_vgg_and_alexnet_under_their_pooled_grid_read_each_feature_once_computing_what_torchvision_does(
+        name, side, features):
+    # At 32 px VGG's 1x1 maps would be copied into its 7x7 grid, each feature 49 times over (see
+    # fold_copied_features): folded, the first linear layer reads each once, and ImageNet's weights give
+    # the very outputs torchvision's own network gives.
+    torch.manual_seed(0)
+    published = torchvision.models.get_model(name, weights=None).eval()
+    network = architectures.torchvision_network(name, 1000, side).eval()
+
+    network.load_state_dict(architectures.fit_imagenet_weights(name, network, published.state_dict()))
+
+    assert architectures.first_linear(network)[1].in_features == features
+    images = torch.rand(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(network(images), published(images), rtol=1e-4, atol=1e-6)
+
+
 def training_settings(tmp_path, name: str):
     """The finetune preset for `name` from scratch, as `dvc exp run -S train.preset=finetune
     -S train.model=NAME -S train.weights=random` sets it."""
