@@ -14,6 +14,7 @@ import pandas as pd
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.champion import Decision
+from stages.membership import AUDIT
 from stages.metrics import HEADLINE
 
 PER_CLASS_KEY = "retrain-per-class"  # table: reports/per_class.csv
@@ -32,20 +33,22 @@ def publish_per_class(project: Path) -> None:
 
 
 def summary_markdown(metrics: dict, champion: dict | None, decision: Decision, about: dict) -> str:
-    """The headline metrics beside the champion's (before this run's promotion), and the decision."""
+    """The headline metrics and the membership-inference audit's beside the champion's (before this run's
+    promotion), and the decision."""
     verdict = "promoted to champion" if decision.promote else "champion stays"
     lines = [f"# Retraining: {decision.metric} {decision.challenger:.4f}, {verdict}", ""]
     lines += [f"- **{name}**: {value}" for name, value in about.items()]
     lines += ["", "| metric | this run | champion | change |", "|---|---:|---:|---:|"]
-    for name in HEADLINE:
+    for name in [*HEADLINE, *AUDIT]:
         if name not in metrics:
             continue
         best = champion.get(name) if champion else None
         change = f"{metrics[name] - best:+.6f}" if best is not None else "–"
         lines.append(f"| {name} | {metrics[name]:.6f} | {'–' if best is None else f'{best:.6f}'} | {change} |")
     lines += ["", f"**Promotion** on `{decision.metric}`: {decision.reason}.", "",
-              f"Test images: {metrics.get('test_images', '?')}. Numbers from `reports/metrics.json` "
-              "(as `dvc metrics show`)."]
+              f"Test images: {metrics.get('test_images', '?')}; the mia_ figures, a membership-inference attack on "
+              f"{metrics.get('mia_images', '?')} training and as many test images (0.5 AUC: no leakage). Numbers "
+              "from `reports/metrics.json` (as `dvc metrics show`)."]
     return "\n".join(lines) + "\n"
 
 

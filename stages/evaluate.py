@@ -1,11 +1,12 @@
 """Stage 4, evaluate: score the trained model on the test split with scikit-learn's metrics.
 
     python -m stages.evaluate models/model.pt data/prepared --metrics reports/metrics.json \
-        --per-class reports/per_class.csv --predictions reports/predictions.csv
+        --per-class reports/per_class.csv --predictions reports/predictions.csv --roc reports/membership_roc.csv
 
 Writes the headline metrics (stages/metrics.py), the per-class report, and one
 `image,actual,predicted,confidence` row per test image: DVC draws the confusion matrix from it,
-the report picks its mistakes from it.
+the report picks its mistakes from it. Then audits what the model gives away about its training
+images (stages/membership.py): the figures join the metrics, the ROC curve is --roc.
 """
 
 from __future__ import annotations
@@ -18,22 +19,24 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import classification_report
+from sklearn.metrics import accuracy_score, classification_report
 
-from stages.datasets import load_meta, load_split
+from stages.datasets import Split, load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
+from stages.membership import audit_sample, loss_threshold_attack, losses
 from stages.metrics import headline_metrics
 from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path, write_json
-from stages.params import load_params
+from stages.params import EvaluateParams, load_params
 
 log = logging.getLogger("evaluate")
 
 
 def main() -> None:
     args = parse_args()
-    settings = load_params().evaluate
+    params = load_params()
+    settings, seed = params.evaluate, params.seed
     model, description = load_checkpoint(args.model)
     trained_with = description["params"]["train"]
     compute = resolve_compute(trained_with["device"], trained_with["precision"])
@@ -51,14 +54,17 @@ def main() -> None:
 
     report = classification_report(test.labels, predicted, labels=range(len(classes)), target_names=classes,
                                    output_dict=True, zero_division=0)
+    log.info("accuracy %.4f on %d test images (%s, %.1f s)", accuracy_score(test.labels, predicted),
+             len(test.labels), compute.describe(), eval_seconds)
+
+    audit, roc = audit_membership(model, load_split(args.prepared, "train"), test, compute, settings, seed)
     metrics = headline_metrics(test.labels, predicted, report) | {
         "test_images": len(test.labels), "eval_seconds": round(eval_seconds, 2),
-    }
+    } | audit
     write_json(args.metrics, metrics)
     write_csv(args.per_class, per_class_table(report, classes))
     write_csv(args.predictions, prediction_table(test.labels, predicted, probabilities, classes))
-    log.info("accuracy %.4f, macro F1 %.4f on %d test images (%s, %.1f s)", metrics["accuracy"], metrics["f1_macro"],
-             len(test.labels), compute.describe(), eval_seconds)
+    write_csv(args.roc, roc)
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +74,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metrics", default="reports/metrics.json")
     parser.add_argument("--per-class", default="reports/per_class.csv")
     parser.add_argument("--predictions", default="reports/predictions.csv")
+    parser.add_argument("--roc", default="reports/membership_roc.csv", help="the membership-inference ROC curve")
     return parser.parse_args()
+
+
+def audit_membership(model: Classifier, train: Split, test: Split, compute: Compute, settings: EvaluateParams,
+                     seed: int) -> tuple[dict, pd.DataFrame]:
+    """The loss-threshold attack on as many training as test images (evaluate.audit_images at most)."""
+    members, non_members = audit_sample(len(train.labels), len(test.labels), settings.audit_images, seed)
+    started = time.perf_counter()
+    member_losses = losses(model, train.images, train.labels, members, compute, settings.batch_size)
+    non_member_losses = losses(model, test.images, test.labels, non_members, compute, settings.batch_size)
+    figures, roc = loss_threshold_attack(member_losses, non_member_losses)
+    log.info("membership inference on %d training and %d test images: ROC AUC %.4f, %.2f%% of members found at "
+             "1%% false positives (%.1f s)", len(members), len(non_members), figures["mia_auc"],
+             100 * figures["mia_tpr_at_1pct_fpr"], time.perf_counter() - started)
+    return figures | {"mia_images": len(members)}, roc
 
 
 @torch.inference_mode()

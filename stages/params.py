@@ -183,6 +183,7 @@ def is_set(value) -> bool:
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     tta: Literal[TTAS]
+    audit_images: int = Field(ge=1)
 
 
 class CompressParams(Section):

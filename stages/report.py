@@ -5,11 +5,11 @@
 
 Reads params.yaml (shown whole), data/prepared (meta.json and the test images), the model and,
 under --reports, download.json, augment.json, augment_preview.png, train/ (DVCLive), metrics.json,
-per_class.csv, predictions.csv, compression.csv and compression.json. The headline metrics are
+per_class.csv, predictions.csv, compression.csv, compression.json and membership_roc.csv. The headline metrics are
 set beside the champion's (--champion, when there is one) and the last commit's
 reports/metrics.json (when git has one). Writes the two reports plus the pictures beside them
 (confusion.png, learning_curves.png, misclassified.png, explained_classes.png,
-explained_mistakes.png); the Markdown links the pictures, the HTML embeds them and its one
+explained_mistakes.png, membership_roc.png); the Markdown links the pictures, the HTML embeds them and its one
 inline script (sorting the per-class table), so that report.html is one self-contained file.
 """
 
@@ -44,6 +44,7 @@ from stages.datasets import load_split
 from stages.errors import StageError, run_stage
 from stages.explain import explanation_grid_png, explanation_method, heat_maps
 from stages.hardware import cpu_model_name
+from stages.membership import AUDIT
 from stages.metrics import HEADLINE
 from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path
@@ -109,6 +110,7 @@ def main() -> None:
     history = read_history(inputs["history"])
     compression = read_csv(inputs["compression"], COMPRESSION_COLUMNS, "compress")
     compression_summary = read_json(inputs["compression_summary"])
+    roc = read_csv(inputs["membership_roc"], ["false_positive_rate", "true_positive_rate"], "evaluate")
     test_images = load_split(args.prepared, "test").images  # (N, H, W, 3) uint8, memory-mapped
     check_predictions_match(predictions, len(test_images), inputs["predictions"])
     earlier = earlier_metrics(Path(args.champion), inputs["metrics"])
@@ -118,6 +120,8 @@ def main() -> None:
     log.info("drawing the pictures: confusion matrix, learning curves, mistakes, explanations")
     confusion = Picture("Confusion matrix", reports / "confusion.png", confusion_png(predictions, classes))
     curves = Picture("Learning curves", reports / "learning_curves.png", learning_curves_png(history))
+    membership = Picture("Membership inference: the loss-threshold attack's ROC curve", reports / "membership_roc.png",
+                         membership_roc_png(roc, metrics["mia_auc"]))
     preview = Picture("Augmented training samples", inputs["preview"], inputs["preview"].read_bytes())
     mistakes = most_confident_mistakes(predictions)
     grid = Picture("Misclassified test images, most confident first: actual → predicted, confidence",
@@ -142,6 +146,7 @@ def main() -> None:
         explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes,
                              explanation_method(model)),
         compression_section(compression, compression_summary, params.compress),
+        privacy_section(membership, metrics),
         learning_curves_section(curves, train_summary),
         data_section(meta, download, augment, params.augment, preview),
         params_section(params, trained["params"]),
@@ -151,7 +156,7 @@ def main() -> None:
 
     # Everything is drawn and rendered before the first write, so a failure leaves no new file.
     markdown_path, html_path = Path(args.markdown), Path(args.html)
-    for picture in (confusion, curves, grid, by_class, confident_wrong):
+    for picture in (confusion, curves, grid, by_class, confident_wrong, membership):
         write_output(picture.path, picture.png)
     write_output(markdown_path, render_markdown(title, sections, markdown_path.parent).encode())
     write_output(html_path, render_html(title, sections).encode())
@@ -189,6 +194,7 @@ def locate_inputs(prepared: Path, model: Path, reports: Path) -> dict[str, Path]
         "test_images": (prepared / "test_images.npy", "download"),
         "compression": (reports / "compression.csv", "compress"),
         "compression_summary": (reports / "compression.json", "compress"),
+        "membership_roc": (reports / "membership_roc.csv", "evaluate"),
     }
     # The test curves are optional (train.test_each_epoch); these three are logged every epoch.
     for name in ("train/loss", "train/accuracy", "lr"):
@@ -316,6 +322,19 @@ def learning_curves_png(history: dict[str, pd.Series]) -> bytes:
     return png_bytes(figure)
 
 
+def membership_roc_png(roc: pd.DataFrame, auc: float) -> bytes:
+    figure = Figure(figsize=(4.6, 4.2), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(roc["false_positive_rate"], roc["true_positive_rate"], label=f"loss threshold, AUC {auc:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (no leakage)")
+    axes.set(xlabel="false positives (test images called members)", ylabel="true positives (members found)")
+    axes.xaxis.set_major_formatter(PercentFormatter(1.0))
+    axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    return png_bytes(figure)
+
+
 def caption(row) -> tuple[str, str]:
     """What a picture of one prediction says above it, and in which colour."""
     if row.actual == row.predicted:
@@ -436,6 +455,17 @@ def compression_section(compression: pd.DataFrame, summary: dict, settings: Comp
            f"at batch {settings.batch_size}, accuracy without test-time augmentation. The int8 backend is the "
            f"one this machine's torch offered ({summary['int8_backend']}): timings compare only within one machine.")
     return Section("Compressed variants", [table, *skipped, how])
+
+
+def privacy_section(picture: Picture, metrics: dict) -> Section:
+    table = pd.DataFrame({"figure": list(AUDIT.values()),
+                          "this run": [f"{metrics[key]:.3f}" if key == "mia_auc" else f"{metrics[key]:.2%}"
+                                       for key in AUDIT]})
+    how = (f"An attacker who holds the model asks of {metrics['mia_images']} training images and as many test images "
+           "whether each was in the training set, calling it a member when the model's loss on it is below a "
+           "threshold (Yeom et al., 2018); the curve is every threshold. An AUC of 0.5 and true-positive rates no "
+           "higher than the false-positive ones mean the losses give nothing away.")
+    return Section("Privacy: what the model gives away about its training images", [table, picture, how])
 
 
 def file_size(size: int) -> str:

@@ -59,6 +59,18 @@ def test_headline_metrics_are_fractions_at_the_top_level(evaluated):
     assert "tta" not in metrics  # evaluate.tta is a param: `dvc exp show` lists it among them, not the results
 
 
+def test_the_membership_audit_asks_about_as_many_training_as_test_images_and_draws_its_roc_curve(evaluated):
+    metrics = metrics_of(evaluated)
+    roc = pd.read_csv(evaluated.reports / "membership_roc.csv")
+
+    assert metrics["mia_images"] == 12  # all the test images, and as many of the training images
+    assert 0 <= metrics["mia_tpr_at_0_1pct_fpr"] <= metrics["mia_tpr_at_1pct_fpr"] <= 1
+    assert 0 <= metrics["mia_auc"] <= 1
+    assert roc.columns.tolist() == ["false_positive_rate", "true_positive_rate", "loss_threshold"]
+    assert roc.iloc[0, :2].tolist() == [0, 0] and roc.iloc[-1, :2].tolist() == [1, 1]
+    assert roc["false_positive_rate"].is_monotonic_increasing and roc["true_positive_rate"].is_monotonic_increasing
+
+
 def test_accuracy_is_the_share_of_predictions_that_name_the_actual_class(evaluated):
     predictions = predictions_of(evaluated)
 

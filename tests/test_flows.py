@@ -128,7 +128,7 @@ def test_first_run_reproduces_publishes_the_metrics_and_becomes_champion(first_r
     assert [row["class"] for row in per_class] == ["circle", "square", "stripes"]
 
     rows = summary_rows(artifacts[SUMMARY_KEY].data)
-    for name in ("accuracy", "recall_macro", "precision_macro", "f1_macro"):
+    for name in ("accuracy", "recall_macro", "precision_macro", "f1_macro", "mia_auc", "mia_tpr_at_1pct_fpr"):
         assert float(rows[name][0]) == pytest.approx(metrics[name], abs=1e-6)
         assert rows[name][1:] == ["–", "–"]  # no champion to compare with
     assert "promoted to champion" in artifacts[SUMMARY_KEY].data

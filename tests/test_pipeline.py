@@ -107,12 +107,12 @@ def test_repro_writes_metrics_tables_plots_and_both_reports(repo: Path):
         assert key in train_metrics
     assert len((repo / "reports/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()) == 1 + 2
     for report in ("report.md", "report.html", "augment_preview.png", "confusion.png", "learning_curves.png",
-                   "misclassified.png", "explained_classes.png", "explained_mistakes.png"):
+                   "misclassified.png", "explained_classes.png", "explained_mistakes.png", "membership_roc.png"):
         assert (repo / "reports" / report).stat().st_size > 0
     compression = list(csv.DictReader((repo / "reports/compression.csv").open()))
     assert [row["variant"] for row in compression] == ["fp32", "int8", "pruned", "bf16", "exported"]
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
-    assert "train_seconds" in shown and "f1_macro" in shown and "int8_backend" in shown
+    assert "train_seconds" in shown and "f1_macro" in shown and "int8_backend" in shown and "mia_auc" in shown
 
 
 def test_every_declared_plot_renders_with_data(repo: Path):

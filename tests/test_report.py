@@ -29,7 +29,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "cat", "fish & chips"]  # the "&" checks that names are escaped in HTML
 IMAGE_SIZE = 16  # the smallest lenet takes
 PICTURES = ("confusion.png", "learning_curves.png", "misclassified.png", "explained_classes.png",
-            "explained_mistakes.png")
+            "explained_mistakes.png", "membership_roc.png")
 OUTPUTS = ("report.md", "report.html", *PICTURES)
 CHAMPION_ACCURACY = 0.8  # this run's is 25/30
 
@@ -116,7 +116,10 @@ def write_evaluation(reports: Path) -> None:
         "precision_macro": macro[0], "recall_macro": macro[1], "f1_macro": macro[2],
         "precision_weighted": weighted[0], "recall_weighted": weighted[1], "f1_weighted": weighted[2],
         "test_images": 30, "eval_seconds": 0.75,
+        "mia_auc": 0.625, "mia_tpr_at_1pct_fpr": 0.1, "mia_tpr_at_0_1pct_fpr": 0.05, "mia_images": 20,
     }))
+    pd.DataFrame({"false_positive_rate": [0, 0, 0.5, 1], "true_positive_rate": [0, 0.1, 0.75, 1],
+                  "loss_threshold": [0, 0.2, 1.1, 3.0]}).to_csv(reports / "membership_roc.csv", index=False)
 
 
 def write_compression(reports: Path) -> None:
@@ -252,6 +255,18 @@ def test_mistakes_are_shown_most_confident_first_and_explained(reported: Path):
     explanations = markdown.split("## Explanations")[1].split("\n## ")[0]
     assert "Grad-CAM" in explanations
     assert "](explained_classes.png)" in explanations and "](explained_mistakes.png)" in explanations
+
+
+def test_the_privacy_section_shows_the_membership_audit_and_its_roc_curve(reported: Path):
+    markdown = (reported / "reports" / "report.md").read_text()
+    section = markdown.split("## Privacy: what the model gives away about its training images")[1].split("\n## ")[0]
+
+    rows = dict(tuple(cell.strip() for cell in line.split("|")[1:3]) for line in section.splitlines()
+                if line.startswith("|"))
+    assert rows["membership-inference ROC AUC"] == "0.625"
+    assert rows["true positives at 1 % false positives"] == "10.00%"
+    assert rows["true positives at 0.1 % false positives"] == "5.00%"
+    assert "of 20 training images and as many test images" in section and "](membership_roc.png)" in section
 
 
 def test_the_compression_table_names_the_backend_and_the_machine(reported: Path):
