@@ -87,6 +87,15 @@ def test_vgg_and_alexnet_under_their_pooled_grid_read_each_feature_once_computin
         torch.testing.assert_close(network(images), published(images), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnets_from_scratch_start_each_residual_block_as_the_identity(name):
+    network = architectures.torchvision_network(name, len(CLASSES), SIDE)
+
+    last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2
+                  for stage in (network.layer1, network.layer2, network.layer3, network.layer4) for block in stage]
+    assert all(torch.count_nonzero(norm.weight) == 0 for norm in last_norms)
+
+
 def training_settings(tmp_path, name: str):
     """The finetune preset for `name` from scratch, as `dvc exp run -S train.preset=finetune
     -S train.model=NAME -S train.weights=random` sets it."""
