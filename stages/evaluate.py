@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report
 
 from stages.datasets import Split, load_meta, load_split
 from stages.errors import StageError, run_stage
-from stages.hardware import Compute, resolve_compute
+from stages.hardware import Compute, resolve_compute, return_freed_memory
 from stages.membership import audit_sample, loss_threshold_attack, losses
 from stages.metrics import headline_metrics
 from stages.models import Classifier, as_model_input, load_checkpoint
@@ -37,6 +37,7 @@ def main() -> None:
     args = parse_args()
     params = load_params()
     settings, seed = params.evaluate, params.seed
+    return_freed_memory()  # the test split is read in batches, whatever its size
     model, description = load_checkpoint(args.model)
     trained_with = description["params"]["train"]
     compute = resolve_compute(trained_with["device"], trained_with["precision"])

@@ -8,6 +8,8 @@ picks bf16 only where the hardware runs it natively.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import platform
 from dataclasses import dataclass
@@ -94,3 +96,17 @@ def cpu_model_name() -> str:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity: taskset, a container's cpuset), else all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def return_freed_memory() -> None:
+    """Have glibc hand batch-sized blocks back to the system when they are freed. By default it serves
+    them from its heap once one has been freed (its mmap threshold rises up to 32 MiB) and keeps what
+    they leave: measured, evaluate on 12,000 images of 160 px in batches of 64 held 971 MiB of anonymous
+    memory, 581 MiB with this. Other C libraries (macOS, musl) are left as they are."""
+    library = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or library is None:
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h; setting it also stops the threshold from rising
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(library).mallopt(m_mmap_threshold, 128 * 1024)
+

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stages.datasets import Split
 from stages.errors import StageError
-from stages.hardware import usable_cores
+from stages.hardware import return_freed_memory, usable_cores
 from stages.models import as_images_nchw
 
 log = logging.getLogger("train")
@@ -140,6 +140,7 @@ def load_image_sets(train_parts: Sequence[tuple[Path, Split]], test: tuple[Path,
                          "lower train.batch_size")
     log.info("streaming the images from their memory maps with %d loader worker(s): %s do not fit "
              "train.memory_budget %s", worker_count, in_words(needed), in_words(budget_bytes))
+    return_freed_memory()  # the loader workers, forked later, inherit it
     train_labels = np.concatenate([split.labels for _, split in train_parts])
     return (StreamedImageSet([file for file, _ in train_parts], train_labels, device, worker_count),
             StreamedImageSet([test[0]], test[1].labels, device, worker_count))
