@@ -63,10 +63,9 @@ def cut_mobilenet_v3_stem(network: nn.Module) -> None:
     network.features[1].block[0][0].stride = (1, 1)
 
 
-def first_linear(network: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier's first linear layer (VGG's and AlexNet's take the pooled grid), by state-dict name."""
-    index, layer = next((index, layer) for index, layer in enumerate(network.classifier) if isinstance(layer, nn.Linear))
-    return f"classifier.{index}", layer
+def first_linear(network: nn.Module) -> tuple[int, nn.Linear]:
+    """The classifier's first linear layer (VGG's and AlexNet's take the pooled grid) and its index there."""
+    return next((index, layer) for index, layer in enumerate(network.classifier) if isinstance(layer, nn.Linear))
 
 
 def pooling_matrix(side: int, grid: int) -> torch.Tensor:
@@ -96,12 +95,12 @@ def fold_copied_features(network: nn.Module, grid: int, input_side: int) -> None
     side = maps.shape[-1]
     if side >= grid:
         return
-    name, layer = first_linear(network)
+    index, layer = first_linear(network)
     folded = nn.Linear(layer.in_features * side**2 // grid**2, layer.out_features, device=layer.weight.device)
     with torch.no_grad():
         folded.weight.copy_(fold_pooled_weight(layer.weight, grid, side))
         folded.bias.copy_(layer.bias)
-    network.classifier[int(name.rsplit(".", 1)[1])] = folded
+    network.classifier[index] = folded
     network.avgpool = nn.AdaptiveAvgPool2d((side, side))
 
 
@@ -236,8 +235,8 @@ def fit_imagenet_weights(name: str, network: nn.Module, state: dict) -> dict:
     grid = family_of(name).pooled_grid
     if grid and network.avgpool.output_size != (grid, grid):
         # Folded for small images (fold_copied_features): the first linear layer's weights are folded alike.
-        key, layer = f"{first_linear(network)[0]}.weight", first_linear(network)[1]
-        side = network.avgpool.output_size[0]
+        index, layer = first_linear(network)
+        key, side = f"classifier.{index}.weight", network.avgpool.output_size[0]
         published = state.get(key)
         if published is not None and published.shape == (layer.out_features, layer.in_features * grid**2 // side**2):
             return {**state, key: fold_pooled_weight(published, grid, side)}

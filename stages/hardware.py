@@ -109,4 +109,3 @@ def return_freed_memory() -> None:
     m_mmap_threshold = -3  # glibc's malloc.h; setting it also stops the threshold from rising
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(library).mallopt(m_mmap_threshold, 128 * 1024)
-
