@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.metrics import epsilon_of
 from stages.outputs import partial_folder
 
 CHAMPION = Path("models/champion")
@@ -50,14 +51,21 @@ def champion_metrics(project: Path) -> dict | None:
     return json.loads(metrics.read_text()) if metrics.exists() else None
 
 
-def decide(challenger: dict, champion: dict | None, metric: str, margin: float) -> Decision:
-    """Promote when there is no champion, or when the challenger's metric exceeds the champion's by more than margin."""
+def decide(challenger: dict, champion: dict | None, metric: str, margin: float,
+           max_epsilon: float | None = None) -> Decision:
+    """Promote when there is no champion, or when the challenger's metric exceeds the champion's by more than margin;
+    never a challenger whose privacy budget ε is above max_epsilon (a model trained without a guarantee: ε = ∞)."""
     if metric not in challenger:
         raise KeyError(f"promotion metric {metric!r} is not in reports/metrics.json (it has {', '.join(challenger)})")
     score = float(challenger[metric])
+    best = float(champion[metric]) if champion is not None else None
+    epsilon = epsilon_of(challenger)
+    if max_epsilon is not None and epsilon > max_epsilon:
+        spent = "no privacy guarantee (ε = ∞)" if epsilon == float("inf") else f"ε {epsilon:g}"
+        return Decision(False, f"this run has {spent}, above max_epsilon {max_epsilon:g}: never promoted",
+                        metric, score, best)
     if champion is None:
         return Decision(True, f"no champion yet: this run's {metric} {score:.4f} becomes the first", metric, score, None)
-    best = float(champion[metric])
     if score > best + margin:
         return Decision(True, f"{metric} {score:.4f} beats the champion's {best:.4f} by more than {margin:g}",
                         metric, score, best)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.champion import Decision
 from stages.membership import AUDIT
-from stages.metrics import HEADLINE
+from stages.metrics import HEADLINE, PRIVACY, epsilon_of
 
 PER_CLASS_KEY = "retrain-per-class"  # table: reports/per_class.csv
 SUMMARY_KEY = "retrain-summary"  # markdown: reports/metrics.json against the champion, the promotion decision
@@ -45,11 +45,25 @@ def summary_markdown(metrics: dict, champion: dict | None, decision: Decision, a
         best = champion.get(name) if champion else None
         change = f"{metrics[name] - best:+.6f}" if best is not None else "–"
         lines.append(f"| {name} | {metrics[name]:.6f} | {'–' if best is None else f'{best:.6f}'} | {change} |")
+    lines += privacy_rows(metrics, champion)
     lines += ["", f"**Promotion** on `{decision.metric}`: {decision.reason}.", "",
               f"Test images: {metrics.get('test_images', '?')}; the mia_ figures, a membership-inference attack on "
               f"{metrics.get('mia_images', '?')} training and as many test images (0.5 AUC: no leakage). Numbers "
               "from `reports/metrics.json` (as `dvc metrics show`)."]
     return "\n".join(lines) + "\n"
+
+
+def privacy_rows(metrics: dict, champion: dict | None) -> list[str]:
+    """ε and δ beside the metrics: ∞ and – for a model trained without a privacy guarantee."""
+    def shown(figures: dict | None, key: str) -> str:
+        if figures is None:
+            return "–"
+        if key == "epsilon":
+            epsilon = epsilon_of(figures)
+            return "∞ (not private)" if epsilon == float("inf") else f"{epsilon:.4g}"
+        return "–" if figures.get(key) is None else f"{figures[key]:g}"
+
+    return [f"| {key} | {shown(metrics, key)} | {shown(champion, key)} | |" for key in PRIVACY]
 
 
 def publish_summary(markdown: str) -> None:

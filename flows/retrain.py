@@ -78,6 +78,7 @@ def retrain(
     experiment_name: str | None = None,
     promotion_metric: str = "accuracy",
     promotion_margin: float = 0.0,
+    max_epsilon: float | None = None,
     project_dir: str | None = None,
     download_retry_delays: list[float] | None = None,
     lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
@@ -87,6 +88,8 @@ def retrain(
     overrides: `key=value` params, as `dvc exp run -S` takes them (`train.epochs=20`).
     promotion_metric, promotion_margin: a run is promoted when its metric (a key of
         reports/metrics.json) exceeds the champion's by more than the margin.
+    max_epsilon: never promote a model whose privacy budget ε is above this (a model trained without
+        differential privacy counts as ε = ∞); None: any model.
     lock_timeout_seconds: how long to wait for DVC's lock while another DVC process in the checkout
         holds it (a `dvc repro` by hand), before the run fails.
     """
@@ -99,7 +102,7 @@ def retrain(
 
     metrics = publish.read_metrics(project)
     champion_before = champion.champion_metrics(project)
-    decision = champion.decide(metrics, champion_before, promotion_metric, promotion_margin)
+    decision = champion.decide(metrics, champion_before, promotion_metric, promotion_margin, max_epsilon)
     about = {"experiment": experiment or "workspace (dvc repro)", "git commit": git_commit(project),
              "overrides": " ".join(overrides) or "none", "stages run": ", ".join(stages["ran"]) or "none (up to date)"}
     publish_results(project, decision, champion_before, about)
@@ -136,6 +139,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--name", help="the DVC experiment's name (with --set; default retrain-<date>-<time>)")
     parser.add_argument("--metric", default="accuracy", help="promotion metric, a key of reports/metrics.json")
     parser.add_argument("--margin", type=float, default=0.0, help="by how much the champion must be beaten")
+    parser.add_argument("--max-epsilon", type=float, metavar="EPSILON",
+                        help="never promote a model with a larger privacy budget ε (a non-private one counts as ∞)")
     parser.add_argument("--project", help="the project folder (default: the one holding flows/)")
     parser.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_SECONDS, metavar="SECONDS",
                         help="how long to wait while another DVC process holds the checkout's lock")
@@ -146,7 +151,7 @@ def main() -> None:
     args = parse_args()
     try:
         outcome = retrain(overrides=args.overrides, experiment_name=args.name, promotion_metric=args.metric,
-                          promotion_margin=args.margin, project_dir=args.project,
+                          promotion_margin=args.margin, max_epsilon=args.max_epsilon, project_dir=args.project,
                           lock_timeout_seconds=args.lock_timeout)
     except (StageFailed, LockTimeout) as error:
         sys.exit(f"error: {error}")

@@ -250,6 +250,23 @@ def fit_imagenet_weights(name: str, network: nn.Module, state: dict) -> dict:
     return state
 
 
+def private_network(network: nn.Module) -> nn.Module:
+    """The network as a private run trains it (stages/privacy.py): BatchNorm, which mixes the images of a batch,
+    replaced by GroupNorm (Opacus' ModuleValidator.fix: min(32, channels) groups), and in-place activations made
+    out of place (Opacus hooks the layer before each, and autograd refuses a hooked output changed in place).
+    ValueError naming the layers Opacus finds no sound replacement for."""
+    from opacus.validators import ModuleValidator  # ~1 s of imports (SciPy), for private models only
+
+    fixed = ModuleValidator.fix(network)
+    for layer in fixed.modules():
+        if getattr(layer, "inplace", False):
+            layer.inplace = False
+    problems = ModuleValidator.validate(fixed, strict=False)
+    if problems:
+        raise ValueError("; ".join(str(problem).strip().splitlines()[0][:300] for problem in problems[:3]))
+    return fixed
+
+
 # --- what the network is made of --------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from stages.datasets import Split, load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute, return_freed_memory
 from stages.membership import audit_sample, loss_threshold_attack, losses
-from stages.metrics import headline_metrics
+from stages.metrics import headline_metrics, privacy_metrics
 from stages.models import Classifier, as_model_input, load_checkpoint
 from stages.outputs import atomic_path, write_json
 from stages.params import EvaluateParams, load_params
@@ -59,7 +59,7 @@ def main() -> None:
              len(test.labels), compute.describe(), eval_seconds)
 
     audit, roc = audit_membership(model, load_split(args.prepared, "train"), test, compute, settings, seed)
-    metrics = headline_metrics(test.labels, predicted, report) | {
+    metrics = headline_metrics(test.labels, predicted, report) | privacy_metrics(description.get("privacy")) | {
         "test_images": len(test.labels), "eval_seconds": round(eval_seconds, 2),
     } | audit
     write_json(args.metrics, metrics)

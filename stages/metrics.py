@@ -18,6 +18,23 @@ HEADLINE = {
     "f1_weighted": "weighted F1",
 }
 
+# What a private run spent (stages/privacy.py), always in reports/metrics.json: null for a run without a guarantee.
+PRIVACY = {
+    "epsilon": "privacy budget ε spent",
+    "delta": "at δ",
+}
+
+
+def privacy_metrics(privacy: dict | None) -> dict:
+    """The PRIVACY keys from what train recorded in the checkpoint (None: not private, so null)."""
+    return {key: (privacy or {}).get(key) for key in PRIVACY}
+
+
+def epsilon_of(metrics: dict) -> float:
+    """The ε a model guarantees: infinite without a guarantee (null, or an older metrics.json without the key)."""
+    epsilon = metrics.get("epsilon")
+    return float("inf") if epsilon is None else float(epsilon)
+
 
 def headline_metrics(labels: np.ndarray, predicted: np.ndarray, report: dict) -> dict:
     """The HEADLINE values from scikit-learn's accuracy and its `classification_report(output_dict=True)`."""

@@ -178,18 +178,24 @@ def build_network(architecture: str, num_classes: int, image_size: int, widths: 
 
 
 def build_model(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
-                mean: list[float], std: list[float]) -> Classifier:
+                mean: list[float], std: list[float], private: bool = False) -> Classifier:
+    """The model train fits; `private`: the variant a private run trains (architectures.private_network)."""
     network = build_network(architecture, num_classes, image_size, widths)
+    if private:
+        try:
+            network = architectures.private_network(network)
+        except ValueError as error:
+            raise StageError(f"train.model {architecture} cannot train privately: {error}") from None
     side = architectures.input_side(architecture, image_size) if architectures.is_torchvision(architecture) else None
     needs_resize = side is not None and (side != image_size or architectures.family_of(architecture).attention)
     model = Classifier(network, mean, std, side if needs_resize else None)
     model.architecture = architecture
-    model.head = head_names(architecture, num_classes, image_size, widths, network)
+    model.head = head_names(architecture, num_classes, image_size, widths, network, private)
     return model
 
 
 def head_names(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
-               network: nn.Module) -> set[str]:
+               network: nn.Module, private: bool = False) -> set[str]:
     """The network's head, as its state-dict names (architectures.head_names): compared with the same network
     built for one class more, on the meta device where the builder allows it (RegNet computes its widths
     with tensors, so it is built on the CPU)."""
@@ -198,6 +204,8 @@ def head_names(architecture: str, num_classes: int, image_size: int, widths: lis
             probe = build_network(architecture, num_classes + 1, image_size, widths)
     except NotImplementedError:
         probe = build_network(architecture, num_classes + 1, image_size, widths)
+    if private:
+        probe = architectures.private_network(probe)
     return architectures.head_names(network, probe)
 
 
@@ -247,6 +255,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model = build_model(
             checkpoint["architecture"], len(checkpoint["classes"]), checkpoint["image_size"],
             checkpoint["widths"], checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"],
+            private=checkpoint.get("privacy") is not None,
         )
         model.load_state_dict(checkpoint.pop("state_dict"))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:

@@ -33,6 +33,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 TTAS = ("none", "flip", "flip_translate")
 COMPRESSED_VARIANTS = ("int8", "pruned", "bf16", "fp16", "exported")
 INT8_BACKENDS = ("auto", "x86", "fbgemm", "onednn", "qnnpack")
+ACCOUNTANTS = ("rdp", "prv")  # Opacus': Rényi DP (Mironov, 2017), privacy random variables (Gopi et al., 2021)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # Under train:, `none` switches off a key its preset sets (null there means "the preset's value").
@@ -110,6 +111,11 @@ class Recipe(KnownModel):
     weights: str = Field(min_length=1)  # start from: "random", "imagenet" or a weights file's path
     freeze_epochs: int = Field(ge=0)  # epochs in which only the head trains
     ema_decay: float = Field(ge=0, lt=1)  # the weights kept: an average of every step's (0: the last step's)
+    # Differential privacy (DP-SGD, stages/privacy.py): a run is private when target_epsilon is set.
+    target_epsilon: float | None = Field(gt=0)  # the budget the run may spend at `delta`
+    delta: float | None = Field(gt=0, lt=1)  # below 1 / training images (checked by train, which counts them)
+    max_grad_norm: float | None = Field(gt=0)  # each image's gradient is clipped to this norm
+    accountant: Literal[ACCOUNTANTS] | None  # what counts the budget spent
 
 
 class Machine(Section):
@@ -160,8 +166,9 @@ class TrainParams(Recipe, Machine):
 USED_BY = {
     "widths": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
     "whiten_bias_epochs": ("train.model convnet", lambda recipe: recipe.model == "convnet"),
-    "batchnorm_momentum": ("models with BatchNorm", lambda recipe: architectures.uses_batchnorm(recipe.model)),
-    "frozen_batchnorm_scale": ("models with BatchNorm", lambda recipe: architectures.uses_batchnorm(recipe.model)),
+    # A private run replaces BatchNorm by GroupNorm (stages/privacy.py).
+    "batchnorm_momentum": ("models with BatchNorm, not private", lambda recipe: keeps_batchnorm(recipe)),
+    "frozen_batchnorm_scale": ("models with BatchNorm, not private", lambda recipe: keeps_batchnorm(recipe)),
     "muon_momentum": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
     "muon_ns_steps": ("train.optimizer muon", lambda recipe: recipe.optimizer == "muon"),
     "momentum": ("train.optimizer sgd, rmsprop or muon", lambda recipe: recipe.optimizer != "adam"),
@@ -170,9 +177,16 @@ USED_BY = {
     # A random backbone has nothing worth holding: frozen in eval mode, its BatchNorm layers would not even
     # standardise (measured: inception_v3's loss at 8e15 after a frozen first epoch from scratch).
     "freeze_epochs": ("train.weights other than random", lambda recipe: recipe.weights != RANDOM),
+    "delta": ("private runs (train.target_epsilon set)", lambda recipe: recipe.target_epsilon is not None),
+    "max_grad_norm": ("private runs (train.target_epsilon set)", lambda recipe: recipe.target_epsilon is not None),
+    "accountant": ("private runs (train.target_epsilon set)", lambda recipe: recipe.target_epsilon is not None),
 }
 # A preset tunes these for its model: they are not carried over to another one.
 ARCHITECTURE_KEYS = ("widths", "whiten_bias_epochs", "batchnorm_momentum", "frozen_batchnorm_scale")
+
+
+def keeps_batchnorm(recipe) -> bool:
+    return architectures.uses_batchnorm(recipe.model) and recipe.target_epsilon is None
 
 
 def is_set(value) -> bool:
@@ -336,7 +350,7 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
     if recipe.model == "convnet" and recipe.widths is None:
         problems.append("train.widths must be three block widths for the convnet model "
                         "(e.g. `-S train.widths=[64,128,256]`)")
-    if recipe.model == "convnet" and recipe.batchnorm_momentum is None:
+    if recipe.model == "convnet" and recipe.batchnorm_momentum is None and recipe.target_epsilon is None:
         problems.append("train.batchnorm_momentum must be set for the convnet model (PyTorch's default is 0.1)")
     if recipe.optimizer in ("sgd", "muon") and recipe.nesterov and recipe.momentum == 0:
         problems.append("train.nesterov is true but train.momentum is 0: Nesterov SGD needs momentum > 0")
@@ -346,9 +360,26 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
     if recipe.optimizer == "muon" and (recipe.muon_momentum is None or recipe.muon_ns_steps is None):
         problems.append("train.muon_momentum and train.muon_ns_steps must be set when train.optimizer is muon "
                         "(e.g. 0.6 and 3)")
+    if recipe.target_epsilon is not None:
+        problems += private_problems(recipe)
     if recipe.weights == IMAGENET and not architectures.is_torchvision(recipe.model):
         problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for its own "
                         f"models, not {recipe.model}; give a weights file's path, or {RANDOM!r}")
+    return problems
+
+
+def private_problems(recipe: SimpleNamespace) -> list[str]:
+    """What a private run (train.target_epsilon set) needs, and what it cannot use."""
+    problems = []
+    missing = [key for key in ("delta", "max_grad_norm", "accountant") if getattr(recipe, key) is None]
+    if missing:
+        problems.append(f"train.target_epsilon is {recipe.target_epsilon} (a private run), which needs "
+                        f"{', '.join(f'train.{key}' for key in missing)} too (e.g. delta 1e-5, max_grad_norm 1.0, "
+                        f"accountant rdp or prv), or the preset private")
+    if recipe.optimizer == "muon":
+        # Opacus' DPOptimizer clips each image's gradient over the parameters of one optimiser; muon is two.
+        problems.append("train.optimizer muon cannot train privately: DP-SGD clips each image's whole gradient "
+                        "in one optimiser, and muon steps the filters and the rest with two; use sgd, adam or rmsprop")
     return problems
 
 

@@ -45,7 +45,7 @@ from stages.errors import StageError, run_stage
 from stages.explain import explanation_grid_png, explanation_method, heat_maps
 from stages.hardware import cpu_model_name
 from stages.membership import AUDIT
-from stages.metrics import HEADLINE
+from stages.metrics import HEADLINE, PRIVACY, epsilon_of
 from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path
 from stages.params import AugmentParams, CompressParams, Params, load_params
@@ -146,7 +146,7 @@ def main() -> None:
         explanations_section(by_class, confident_wrong, settings.explained_per_class, settings.explained_mistakes,
                              explanation_method(model)),
         compression_section(compression, compression_summary, params.compress),
-        privacy_section(membership, metrics),
+        privacy_section(membership, metrics, trained.get("privacy")),
         learning_curves_section(curves, train_summary),
         data_section(meta, download, augment, params.augment, preview),
         params_section(params, trained["params"]),
@@ -387,7 +387,7 @@ def headline_section(metrics: dict, tta: str, trained: dict, train_summary: dict
                                for key in HEADLINE]
     epochs = trained["params"]["train"]["epochs"]
     summary = (f"{metrics['test_images']} test images, {tta}. Model {trained['architecture']}, trained "
-               f"{epochs} epochs on {train_summary['train_images']} images.")
+               f"{epochs} epochs on {train_summary['train_images']} images, {guarantee(trained.get('privacy'))}.")
     compared = (f"Compared with the {' and the '.join(earlier)} (pp: percentage points)." if earlier else
                 "No champion and no committed reports/metrics.json to compare with yet.")
     return Section("Headline", [summary, table, compared])
@@ -457,14 +457,27 @@ def compression_section(compression: pd.DataFrame, summary: dict, settings: Comp
     return Section("Compressed variants", [table, *skipped, how])
 
 
-def privacy_section(picture: Picture, metrics: dict) -> Section:
-    table = pd.DataFrame({"figure": list(AUDIT.values()),
-                          "this run": [f"{metrics[key]:.3f}" if key == "mia_auc" else f"{metrics[key]:.2%}"
-                                       for key in AUDIT]})
+def guarantee(privacy: dict | None) -> str:
+    """The privacy guarantee a model was trained with, in words."""
+    if privacy is None:
+        return "without a privacy guarantee (ε = ∞)"
+    return (f"with differential privacy: ε = {privacy['epsilon']:.3g} at δ = {privacy['delta']:g} (DP-SGD: "
+            f"{privacy['steps']} steps of Poisson batches, each image drawn with probability {privacy['sample_rate']:.4g}, "
+            f"its gradient clipped to {privacy['max_grad_norm']:g}, noise multiplier {privacy['noise_multiplier']:.4g}, "
+            f"{privacy['accountant'].upper()} accountant)")
+
+
+def privacy_section(picture: Picture, metrics: dict, privacy: dict | None) -> Section:
+    epsilon = epsilon_of(metrics)
+    budget = {PRIVACY["epsilon"]: "∞ (not private)" if epsilon == float("inf") else f"{epsilon:.3g}",
+              PRIVACY["delta"]: "–" if metrics.get("delta") is None else f"{metrics['delta']:g}"}
+    audit = {AUDIT[key]: f"{metrics[key]:.3f}" if key == "mia_auc" else f"{metrics[key]:.2%}" for key in AUDIT}
+    table = pd.DataFrame({"figure": [*budget, *audit], "this run": [*budget.values(), *audit.values()]})
     how = (f"An attacker who holds the model asks of {metrics['mia_images']} training images and as many test images "
            "whether each was in the training set, calling it a member when the model's loss on it is below a "
            "threshold (Yeom et al., 2018); the curve is every threshold. An AUC of 0.5 and true-positive rates no "
-           "higher than the false-positive ones mean the losses give nothing away.")
+           "higher than the false-positive ones mean the losses give nothing away. The model was trained "
+           f"{guarantee(privacy)}: ε bounds what any attack can learn about one image, the audit measures one attack.")
     return Section("Privacy: what the model gives away about its training images", [table, picture, how])
 
 

@@ -36,6 +36,7 @@ from stages.models import (Classifier, ConvNet, as_unit_floats, build_model, hea
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
 from stages.pretrained import load_initial_weights
+from stages.privacy import PUBLIC_MEAN, PUBLIC_STD, Budget, PrivateSteps, check_per_image_gradients, poisson_batches
 
 log = logging.getLogger("train")
 
@@ -60,13 +61,18 @@ def main() -> None:
 
     classes = load_meta(args.prepared)["classes"]
     started = time.perf_counter()
-    train_set, test_set = load_image_sets(training_parts(Path(args.prepared), Path(args.augmented)),
+    parts = training_parts(Path(args.prepared), Path(args.augmented))
+    if settings.target_epsilon is not None:
+        check_private_data(parts, settings)
+    train_set, test_set = load_image_sets(parts,
                                           split_file(Path(args.prepared), "test"), settings.batch_size,
                                           settings.memory_budget, settings.loader_workers, compute.device)
     load_seconds = time.perf_counter() - started
     model = create_model(settings, classes, train_set)
     initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
     model = model.to(compute.device, memory_format=torch.channels_last)
+    if settings.target_epsilon is not None:
+        check_per_image_gradients(model, settings.model, train_set.side)
     smallest = smallest_image_side(settings.model)
     if settings.resize_from is not None and settings.resize_from < smallest:
         raise StageError(f"train.resize_from is {settings.resize_from}, but train.model {settings.model} needs images "
@@ -83,7 +89,7 @@ def main() -> None:
                                                        report=None) as live:
         # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
         live.log_params(settings.model_dump(mode="json"))
-        train_seconds = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
+        train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
         images_seen = train_set.count * settings.epochs
         summary = {
             "load_seconds": round(load_seconds, 3),  # the prepared train and test sets into memory
@@ -93,12 +99,17 @@ def main() -> None:
             "precision": compute.precision,
             "threads": torch.get_num_threads(),
             "train_images": train_set.count,
+            # Null for a run without a privacy guarantee: `dvc exp show` keeps the same columns for every run.
+            "epsilon": privacy["epsilon"] if privacy else None,
+            "delta": privacy["delta"] if privacy else None,
         }
         for name, value in summary.items():
-            live.log_metric(name, value, plot=False)
+            if value is not None:  # DVCLive takes numbers only
+                live.log_metric(name, value, plot=False)
 
     description = describe_run(model, classes, train_set.side, params, compute, summary)
     description["initial_weights"] = initial_weights  # the file and its sha256: `dvc repro` does not watch it
+    description["privacy"] = privacy  # what the run spent, None if it was not private
     save_checkpoint(Path(args.model), model, description)
     log.info("saved %s: %.1f s of training, %.0f images/s", args.model, train_seconds, summary["images_per_second"])
 
@@ -128,6 +139,22 @@ def split_file(folder: Path, split: str, made_by: str = "download") -> tuple[Pat
     return folder / f"{split}_images.npy", load_split(folder, split, made_by)
 
 
+def check_private_data(parts: list[tuple[Path, Split]], settings: TrainParams) -> None:
+    """What a private run may learn from: the prepared training images only, each counted once, with δ below
+    one in their number (else a mechanism that gives away one whole image would qualify)."""
+    if len(parts) > 1:
+        copies = len(parts[1][1].labels)
+        raise StageError(f"train.target_epsilon is {settings.target_epsilon} (a private run), but augment made {copies} "
+                         "offline copies of the training images (augment.copies > 0): a copy is the same person's "
+                         "image again, which DP-SGD's accounting counts once; set augment.copies to 0 (train's own "
+                         "flips and translations, train.flip and train.translate, are drawn afresh each step and "
+                         "are allowed)")
+    images = len(parts[0][1].labels)
+    if settings.delta >= 1 / images:
+        raise StageError(f"train.delta is {settings.delta}, not below 1 / {images} training images ({1 / images:.3g}): "
+                         f"choose one well below it (e.g. {10 ** math.floor(math.log10(0.1 / images)):.0e})")
+
+
 def batches(count: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
     """Index batches of near-equal size: a shuffled order when given a generator."""
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
@@ -138,6 +165,8 @@ def batches(count: int, batch_size: int, generator: torch.Generator | None) -> l
 
 
 def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet | StreamedImageSet) -> Classifier:
+    if settings.target_epsilon is not None:
+        return create_private_model(settings, classes, train_set.side)
     # Every k-th image, not the first 10 000: image folders are prepared class by class, so the
     # first images can be a few classes only, and the statistics and whitening would be theirs.
     sample_size = max(1, min(NORMALIZATION_SAMPLE, NORMALIZATION_PIXELS // train_set.side**2))
@@ -151,6 +180,17 @@ def create_model(settings: TrainParams, classes: list[str], train_set: ImageSet 
         if settings.whiten_bias_epochs == 0:
             model.network.whiten.bias.requires_grad_(False)
     set_up_batchnorm(model, settings)
+    return model
+
+
+def create_private_model(settings: TrainParams, classes: list[str], side: int) -> Classifier:
+    """Nothing measured on the training images outside DP-SGD's accounting: ImageNet's published statistics
+    normalise, and convnet's first layer is trained like the others instead of fitted as a whitening."""
+    model = build_model(settings.model, len(classes), side, settings.widths, PUBLIC_MEAN, PUBLIC_STD, private=True)
+    if isinstance(model.network, ConvNet):
+        model.network.whiten.weight.requires_grad_(True)
+        if settings.whiten_bias_epochs == 0:
+            model.network.whiten.bias.requires_grad_(False)
     return model
 
 
@@ -333,8 +373,9 @@ def loss_function(settings: TrainParams, num_classes: int):
 
 
 def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes: int, params: Params,
-        compute: Compute, generator: torch.Generator, live: Live) -> float:
-    """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds."""
+        compute: Compute, generator: torch.Generator, live: Live) -> tuple[float, dict | None]:
+    """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds, and for a
+    private run what it spent."""
     settings = params.train
     loss_of = loss_function(settings, num_classes)
     steps_per_epoch = math.ceil(train_set.count / min(settings.batch_size, train_set.count))
@@ -344,6 +385,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     kept = average.module if average is not None else model  # what is scored each epoch, and saved
     flips = Flips(settings.flip, train_set.count, generator)
     backbone = Backbone(model)
+    private = private_steps(model, optimizers, settings, train_set.count, steps_per_epoch, generator)
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
         backbone.freeze(epoch <= settings.freeze_epochs and "freeze_epochs" not in settings.unused)
@@ -353,12 +395,15 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
         epoch_lr = optimizers[0].param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
         loss, accuracy = train_one_epoch(model, backbone, train_set, settings, compute, generator, optimizers,
-                                         schedules, loss_of, flips, epoch, average)
+                                         schedules, loss_of, flips, epoch, average, private)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
         live.log_metric("lr", epoch_lr)
         message = f"epoch {epoch}/{settings.epochs}: train loss {loss:.4f}, accuracy {accuracy:.4f}"
+        if private is not None:
+            live.log_metric("epsilon", private.epsilon)  # spent so far
+            message += f", ε {private.epsilon:.3f}"
         if settings.test_each_epoch or epoch == settings.epochs:
             test_loss, test_accuracy = measure(kept, test_set, compute, loss_of, settings.batch_size)
             live.log_metric("test/loss", test_loss)
@@ -366,10 +411,27 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
             message += f"; test loss {test_loss:.4f}, accuracy {test_accuracy:.4f}"
         log.info("%s (%.1f s)", message, train_seconds)
         live.next_step()
+    if private is not None:
+        private.close()
     if average is not None:
         model.load_state_dict(kept.state_dict())
     unflatten_filters(model)
-    return train_seconds
+    return train_seconds, private.spent() if private is not None else None
+
+
+def private_steps(model: Classifier, optimizers: list[torch.optim.Optimizer], settings: TrainParams, images: int,
+                  steps_per_epoch: int, generator: torch.Generator) -> PrivateSteps | None:
+    """For a private run, the optimiser made DP-SGD's, its noise calibrated to the steps planned."""
+    if settings.target_epsilon is None:
+        return None
+    budget = Budget(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.accountant,
+                    sample_rate=min(1.0, settings.batch_size / images), steps=steps_per_epoch * settings.epochs)
+    noise_seed = int(torch.randint(2**62, (1,), generator=generator))  # a stream of its own, from `seed`
+    private = PrivateSteps(model, optimizers[0], budget, images, noise_seed)
+    log.info("DP-SGD: ε %.3g at δ %.3g over %d steps of Poisson batches (q %.4g): noise multiplier %.4f, each image's "
+             "gradient clipped to %.3g, %s accountant", budget.target_epsilon, budget.delta, budget.steps,
+             budget.sample_rate, private.noise_multiplier, budget.max_grad_norm, budget.accountant)
+    return private
 
 
 def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
@@ -393,36 +455,69 @@ def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
 
 def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedImageSet, settings: TrainParams, compute: Compute, generator,
                     optimizers, schedules, loss_of, flips: Flips, epoch: int,
-                    average: AveragedModel | None) -> tuple[float, float]:
+                    average: AveragedModel | None, private: PrivateSteps | None = None) -> tuple[float, float]:
     model.train()
     backbone.hold_statistics_if_frozen()
     side = image_side(settings, epoch, train_set.side)
     total_loss = torch.zeros((), device=compute.device)
     total_correct = torch.zeros((), device=compute.device)
-    # The batch order is drawn before the first batch is read, as loader workers read ahead.
-    order = batches(train_set.count, settings.batch_size, generator)
+    seen = 0
+    aux_weight = family_of(settings.model).aux_weight
+    # The batch order is drawn before the first batch is read, as loader workers read ahead. A private run
+    # draws each batch by Poisson sampling, as many as an epoch of batch_size would take.
+    order = (batches(train_set.count, settings.batch_size, generator) if private is None else
+             poisson_batches(train_set.count, private.budget.sample_rate, math.ceil(train_set.count / min(
+                 settings.batch_size, train_set.count)), generator))
     for indices, (images, labels) in tqdm(zip(order, train_set.batches(order)), total=len(order),
                                           desc=f"epoch {epoch}", leave=False, disable=None):
         images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate, generator)
         if side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
-        loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of,
-                                  family_of(settings.model).aux_weight)
+        if private is None:
+            loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of, aux_weight)
+        else:
+            loss, logits = private_train_step(model, images, labels, compute, private, schedules, loss_of, aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
-    return total_loss.item() / train_set.count, total_correct.item() / train_set.count
+        seen += len(labels)
+    return total_loss.item() / max(1, seen), total_correct.item() / max(1, seen)
+
+
+def forward_loss(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, loss_of,
+                 aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's mean loss and its logits. Auxiliary classifiers (GoogLeNet's, Inception v3's) add their
+    losses at `aux_weight` each, as in their papers."""
+    with compute.autocast():
+        outputs = model(images.contiguous(memory_format=torch.channels_last))
+    logits, auxiliary = main_and_auxiliary(outputs)
+    return loss_of(logits, labels) + sum(aux_weight * loss_of(extra, labels) for extra in auxiliary), logits
+
+
+def private_train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, private: PrivateSteps,
+                       schedules, loss_of, aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DP-SGD step on a Poisson batch, fed to the model in chunks (stages/privacy.py); its loss and logits."""
+    losses, logits = [], []
+
+    def backward_chunk(start: int, stop: int) -> None:
+        loss, chunk_logits = forward_loss(model, images[start:stop], labels[start:stop], compute, loss_of, aux_weight)
+        (loss * (stop - start)).backward()  # summed over the chunk: each image's gradient is its own
+        losses.append(loss.detach() * (stop - start))
+        logits.append(chunk_logits.detach())
+
+    private.step(len(labels), backward_chunk)
+    for schedule in schedules:
+        schedule.step()
+    if not logits:
+        return torch.zeros((), device=images.device), images.new_zeros((0, 1))
+    return sum(losses) / len(labels), torch.cat(logits)
 
 
 def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, optimizers, schedules,
                loss_of, aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch forward, backward and every optimiser's step; the loss and logits. Auxiliary classifiers
-    (GoogLeNet's, Inception v3's) add their losses at `aux_weight` each, as in their papers."""
-    with compute.autocast():
-        outputs = model(images.contiguous(memory_format=torch.channels_last))
-    logits, auxiliary = main_and_auxiliary(outputs)
-    loss = loss_of(logits, labels) + sum(aux_weight * loss_of(extra, labels) for extra in auxiliary)
+    """One batch forward, backward and every optimiser's step; the loss and logits."""
+    loss, logits = forward_loss(model, images, labels, compute, loss_of, aux_weight)
     loss.backward()
     for optimizer, schedule in zip(optimizers, schedules):
         if isinstance(optimizer, torch.optim.Muon):

@@ -87,7 +87,7 @@ def test_an_unknown_preset_is_refused_with_the_defined_ones_named(tmp_path):
     path = write_params(tmp_path, {"train.preset": "fastest"})
 
     with pytest.raises(ParamsError, match=r"train\.preset: must be one of the presets defined in params.yaml: "
-                                          r"accurate, airbench94, default, fast, finetune, lenet \(got 'fastest'\)"):
+                                          r"accurate, airbench94, default, fast, finetune, lenet, private \(got 'fastest'\)"):
         load_params(path)
 
 
@@ -170,9 +170,15 @@ def test_invalid_yaml_is_refused_with_the_file_named(tmp_path):
          "train.batchnorm_momentum must be set for the convnet model"),
         ({"train.weights": "imagenet"},
          "train.weights is 'imagenet', but torchvision publishes ImageNet weights for its own models, not convnet"),
+        ({"train.preset": "private", "train.optimizer": "muon", "train.lr": 0.2, "train.muon_momentum": 0.6,
+          "train.muon_ns_steps": 3},
+         "train.optimizer muon cannot train privately: DP-SGD clips each image's whole gradient in one optimiser"),
+        ({"train.target_epsilon": 8.0}, r"train.target_epsilon is 8.0 \(a private run\), which needs train.delta, "
+                                        "train.max_grad_norm, train.accountant too"),
+        ({"train.preset": "private", "train.accountant": "moments"}, "'rdp' or 'prv'"),
     ],
     ids=["muon-on-lenet", "muon-without-its-momentum", "resize-half-set", "resize-of-lenet", "convnet-without-batchnorm-momentum",
-         "imagenet-weights-for-convnet"],
+         "imagenet-weights-for-convnet", "private-muon", "private-without-delta", "private-unknown-accountant"],
 )
 def test_recipe_keys_that_need_each_other_are_refused_naming_both(tmp_path, overrides, message):
     path = write_params(tmp_path, overrides)

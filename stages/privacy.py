@@ -1,0 +1,166 @@
+"""Differentially private training (DP-SGD, Abadi et al., 2016) for train, through Opacus.
+
+A run is private when `train.target_epsilon` is set. Each step then draws its batch by Poisson sampling
+(every training image joins with probability q = batch_size / images, as the guarantee assumes), clips
+each image's gradient to `train.max_grad_norm`, adds Gaussian noise calibrated so that the steps planned
+spend at most `target_epsilon` at `train.delta`, and the accountant (`train.accountant`: RDP or PRV)
+counts every step as it ran. Opacus computes the per-image gradients (GradSampleModule), clips, noises
+and counts (DPOptimizer, its accountants); this module only feeds them the batches train draws itself.
+
+What else touches the training images must not leak them outside the accounting: the normalisation
+uses ImageNet's published statistics, not ones measured on the data; convnet's whitening layer is not
+fitted to the data but trained like any other layer; BatchNorm, which mixes the images of a batch, is
+replaced by GroupNorm (architectures.private_network), and a network whose per-image gradients Opacus
+cannot compute is refused before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from stages.errors import StageError
+
+# ImageNet's channel statistics, as torchvision publishes them with its weights: public figures, so a
+# private run normalises with them instead of measuring its own images outside the accounting.
+PUBLIC_MEAN = [0.485, 0.456, 0.406]
+PUBLIC_STD = [0.229, 0.224, 0.225]
+
+# Per-image gradients take (images x trainable parameters) floats: a Poisson batch is fed through the
+# model in chunks that keep them near this size, its clipped gradients summed before the noise.
+PER_IMAGE_GRADIENT_BYTES = 512 * 2**20
+
+
+def check_per_image_gradients(model: nn.Module, model_name: str, side: int) -> None:
+    """Refuse, before any training, a network whose per-image gradients Opacus cannot compute: it wraps the
+    model and runs one step on two blank images (on a copy, so that the model keeps no hooks)."""
+    probe = copy.deepcopy(model).train()
+    device = next(probe.parameters()).device
+    try:
+        wrapped = GradSampleModule(probe)
+        outputs = wrapped(torch.zeros(2, 3, side, side, device=device))
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        logits.float().sum().backward()
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        raise StageError(f"train.model {model_name} cannot train privately: Opacus cannot compute its per-image "
+                         f"gradients ({first_line(error)}) ({supported_models_hint()})") from None
+    missing = [name for name, parameter in probe.named_parameters()
+               if parameter.requires_grad and getattr(parameter, "grad_sample", None) is None]
+    if missing:
+        raise StageError(f"train.model {model_name} cannot train privately: Opacus gives no per-image gradient for "
+                         f"{', '.join(missing[:3])} ({supported_models_hint()})")
+
+
+def supported_models_hint() -> str:
+    # Measured with tests/test_privacy.py's one network of each family (the README's table lists them all).
+    return ("private runs train lenet, convnet, VGG, AlexNet, SqueezeNet, EfficientNet, MobileNet v2, MNASNet, "
+            "RegNet, ShuffleNet v2 or Vision Transformer models")
+
+
+def first_line(problem) -> str:
+    text = str(problem).strip()
+    return (text.splitlines()[0] if text else type(problem).__name__)[:300]
+
+
+def poisson_batches(count: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """`steps` index batches, each image in each with probability `sample_rate`: sizes vary, as they must."""
+    return [torch.nonzero(torch.rand(count, generator=generator) < sample_rate).flatten() for _ in range(steps)]
+
+
+def chunk_size(model: nn.Module) -> int:
+    """Images per chunk of a Poisson batch: as many as keep their per-image gradients near PER_IMAGE_GRADIENT_BYTES."""
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return max(1, PER_IMAGE_GRADIENT_BYTES // (4 * trainable))
+
+
+@dataclass
+class Budget:
+    """What a private run spends: the noise that reaches `target_epsilon` at `delta` over the steps planned."""
+
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str  # rdp | prv
+    sample_rate: float
+    steps: int
+
+    @property
+    def noise_multiplier(self) -> float:
+        return noise_multiplier_for(self.target_epsilon, self.delta, self.sample_rate, self.steps, self.accountant)
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                steps=steps, accountant=accountant)
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """ε after `steps` Poisson-sampled steps at `noise_multiplier`, by `accountant`."""
+    counter = create_accountant(accountant)
+    counter.history = [(noise_multiplier, sample_rate, steps)]  # how each accountant records equal steps
+    return float(counter.get_epsilon(delta))
+
+
+class PrivateSteps:
+    """The model wrapped for per-image gradients and its optimiser for clipping and noise, with the accountant
+    counting each step as it ran. `step` takes one Poisson batch, whatever its size (none included)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: Budget, images: int,
+                 noise_seed: int):
+        self.budget = budget
+        self.noise_multiplier = budget.noise_multiplier
+        # Hooks on the model's own layers: called directly, the model computes per-image gradients too.
+        # The loss given to `step` is summed over a chunk, so the per-image gradients are the images' own.
+        self.wrapped = GradSampleModule(model, loss_reduction="sum")
+        noise = torch.Generator(device=next(model.parameters()).device).manual_seed(noise_seed)
+        # The noisy sum of clipped gradients is divided by the expected batch size, not the one drawn
+        # (which would itself tell how many images took part).
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                     max_grad_norm=budget.max_grad_norm, loss_reduction="mean",
+                                     expected_batch_size=max(1, round(budget.sample_rate * images)), generator=noise)
+        self.accountant = create_accountant(budget.accountant)
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(budget.sample_rate))
+        self.chunk = chunk_size(model)
+
+    def step(self, count: int, backward_chunk) -> None:
+        """One DP-SGD step on a batch of `count` images: `backward_chunk(start, stop)` runs the model forward
+        and the summed loss backward on images start:stop; the optimiser then clips every image's gradient,
+        adds the noise and steps once."""
+        starts = list(range(0, count, self.chunk))
+        if not starts:  # nobody was drawn: the step still runs, on noise alone, and counts
+            for parameter in self.optimizer.params:
+                parameter.grad_sample = torch.zeros((0, *parameter.shape), device=parameter.device)
+            starts = [count]
+        for start in starts:
+            if start < count:
+                backward_chunk(start, min(count, start + self.chunk))
+            self.optimizer.signal_skip_step(do_skip=start != starts[-1])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(self.budget.delta))
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def spent(self) -> dict:
+        """What the run spent and how: the checkpoint keeps it, evaluate and the report show it."""
+        return {"epsilon": round(self.epsilon, 4), "delta": self.budget.delta, "accountant": self.budget.accountant,
+                "noise_multiplier": round(self.noise_multiplier, 6), "sample_rate": self.budget.sample_rate,
+                "steps": self.steps_taken, "max_grad_norm": self.budget.max_grad_norm,
+                "target_epsilon": self.budget.target_epsilon}
+
+    def close(self) -> None:
+        """The model back without Opacus' hooks and per-image gradients, as train saves it."""
+        self.wrapped.to_standard_module()

@@ -1,0 +1,158 @@
+"""Differentially private training (stages/privacy.py): the ε the project reports against a second accountant,
+a private train and evaluate run on tiny data, Poisson batches, and every refusal with its message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stages.privacy import (PUBLIC_MEAN, Budget, PrivateSteps, epsilon_spent, noise_multiplier_for,
+                            poisson_batches)
+from stages.models import build_model, load_checkpoint
+from tests.conftest import TINY_PARAMS, prepare_tiny_set
+
+# CIFAR-10's 50,000 images in expected batches of 4,096 for 20 epochs' worth of steps (244).
+Q, STEPS, DELTA = 4096 / 50_000, 244, 1e-5
+# 24 px: convnet's last maps 2x2, as GroupNorm needs more than one value per group (32 px: 3x3).
+PRIVATE_PARAMS = {**TINY_PARAMS, "data.image_size": 24, "train.preset": "private", "train.widths": [8, 16, 16], "train.batch_size": 8,
+                  "train.epochs": 2, "train.delta": 1e-3}
+
+
+def test_the_noise_for_a_budget_spends_it_by_both_accountants():
+    # The noise multiplier for ε = 8 by each accountant, and what the other says that noise spends: RDP is
+    # an upper bound on the exact ε, PRV a numerical estimate of it, so RDP's ε is the larger, by a few percent.
+    rdp_noise = noise_multiplier_for(8.0, DELTA, Q, STEPS, "rdp")
+    prv_noise = noise_multiplier_for(8.0, DELTA, Q, STEPS, "prv")
+
+    assert rdp_noise == pytest.approx(1.119, abs=0.01)
+    assert prv_noise == pytest.approx(1.060, abs=0.01)
+    assert epsilon_spent(rdp_noise, Q, STEPS, DELTA, "rdp") == pytest.approx(8.0, abs=0.1)
+    assert epsilon_spent(prv_noise, Q, STEPS, DELTA, "prv") == pytest.approx(8.0, abs=0.1)
+    by_prv = epsilon_spent(rdp_noise, Q, STEPS, DELTA, "prv")
+    assert 0.85 * 8.0 < by_prv < 8.0  # the same noise, counted more tightly
+
+
+def test_poisson_batches_draw_each_image_by_chance_every_step():
+    generator = torch.Generator().manual_seed(0)
+    drawn = poisson_batches(1000, 0.05, 400, generator)
+
+    sizes = torch.tensor([len(batch) for batch in drawn], dtype=torch.float)
+    assert len(drawn) == 400
+    assert sizes.mean() == pytest.approx(50, abs=2)  # q x images
+    assert sizes.std() == pytest.approx((1000 * 0.05 * 0.95) ** 0.5, rel=0.2)  # binomial: sizes vary
+    counts = torch.bincount(torch.cat(drawn), minlength=1000).float()
+    assert counts.mean() == pytest.approx(20, abs=1)  # every image about q x steps times
+    assert all(len(batch.unique()) == len(batch) for batch in drawn)
+
+
+def tiny_private_steps(batch: int = 4) -> tuple[torch.nn.Module, PrivateSteps]:
+    torch.manual_seed(0)
+    model = build_model("convnet", 3, 24, [8, 8, 8], PUBLIC_MEAN, [0.25] * 3, private=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    budget = Budget(target_epsilon=4.0, delta=1e-3, max_grad_norm=1.0, accountant="rdp", sample_rate=batch / 40,
+                    steps=3)
+    return model, PrivateSteps(model, optimizer, budget, images=40, noise_seed=1)
+
+
+def test_an_empty_poisson_batch_is_a_step_of_noise_that_counts():
+    model, private = tiny_private_steps()
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+
+    private.step(0, backward_chunk=lambda start, stop: pytest.fail("no image to run"))
+
+    assert private.steps_taken == 1
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))  # the noise moved it
+
+
+def test_a_batch_larger_than_a_chunk_steps_once_with_every_image_clipped():
+    model, private = tiny_private_steps()
+    private.chunk = 3  # 7 images: chunks of 3, 3 and 1, then one step
+    images, labels = torch.rand(7, 3, 24, 24), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    chunks = []
+
+    def backward_chunk(start: int, stop: int) -> None:
+        chunks.append((start, stop))
+        torch.nn.functional.cross_entropy(model(images[start:stop]), labels[start:stop], reduction="sum").backward()
+
+    private.step(7, backward_chunk)
+
+    assert chunks == [(0, 3), (3, 6), (6, 7)]
+    assert private.steps_taken == 1
+    assert private.epsilon < 4.0
+
+
+def test_a_private_model_has_groupnorm_where_batchnorm_was():
+    model = build_model("convnet", 3, 16, [8, 16, 16], PUBLIC_MEAN, [0.25] * 3, private=True)
+
+    kinds = {type(layer).__name__ for layer in model.modules()}
+    assert "GroupNorm" in kinds and "BatchNorm2d" not in kinds
+
+
+@pytest.fixture(scope="module")
+def private_project(tmp_path_factory):
+    """Preset private on 30 tiny training images (12 test), trained and evaluated."""
+    project = prepare_tiny_set(tmp_path_factory.mktemp("private"), per_class=10, test_per_class=4,
+                               overrides=PRIVATE_PARAMS)
+    for stage in (project.augment, project.train, project.evaluate):
+        result = stage()
+        assert result.returncode == 0, result.stderr
+    return project
+
+
+def test_a_private_run_reports_what_it_spent(private_project):
+    train_summary = json.loads((private_project.reports / "train" / "metrics.json").read_text())
+    metrics = json.loads((private_project.reports / "metrics.json").read_text())
+    model, description = load_checkpoint(private_project.model)
+
+    privacy = description["privacy"]
+    assert 0 < privacy["epsilon"] <= 8.0 and privacy["delta"] == 1e-3
+    # 30 images in expected batches of 8: 4 steps an epoch, 2 epochs, each counted as it ran.
+    assert privacy["steps"] == 8 and privacy["sample_rate"] == pytest.approx(8 / 30)
+    assert train_summary["epsilon"] == metrics["epsilon"] == privacy["epsilon"]
+    assert metrics["delta"] == 1e-3
+    assert {"mia_auc", "mia_tpr_at_1pct_fpr"} <= set(metrics)
+    # Nothing measured on the training images: ImageNet's published statistics, GroupNorm.
+    assert description["normalization"]["mean"] == pytest.approx(PUBLIC_MEAN)
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
+
+
+def test_a_private_run_is_reproducible(private_project, tmp_path):
+    again = private_project.copy(tmp_path, "params.yaml", "data")
+
+    result = again.train()
+
+    assert result.returncode == 0, result.stderr
+    first, second = load_checkpoint(private_project.model)[0], load_checkpoint(again.model)[0]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_offline_copies_are_refused_in_a_private_run(private_project, tmp_path):
+    project = private_project.copy(tmp_path, "params.yaml", "data/prepared")
+    project.write_params({**PRIVATE_PARAMS, "augment.copies": 1, "augment.policy": "trivialaugment"})
+    assert project.augment().returncode == 0
+
+    result = project.train()
+
+    assert result.returncode == 1
+    assert "augment made 30 offline copies" in result.stderr and "set augment.copies to 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not project.model.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.delta": 0.05}, "train.delta is 0.05, not below 1 / 30 training images (0.0333)"),
+    ({"train.model": "resnet18", "train.widths": "none"},
+     "train.model resnet18 cannot train privately: Opacus cannot compute its per-image gradients"),
+])
+def test_what_a_private_run_cannot_take_is_refused_at_train(private_project, tmp_path, overrides, message):
+    project = private_project.copy(tmp_path, "params.yaml", "data")
+    project.write_params({**PRIVATE_PARAMS, **overrides})
+
+    result = project.train()
+
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not project.model.exists()
