@@ -119,7 +119,9 @@ def first_run(prefect_api, repo):
 
 def test_first_run_reproduces_publishes_the_metrics_and_becomes_champion(first_run, repo):
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert dvc_metrics(repo) == metrics
+    assert metrics["epsilon"] is None and metrics["delta"] is None  # not private: the keys are there, null
+    # DVC leaves out metrics that are null (they are no number to compare).
+    assert dvc_metrics(repo) == {key: value for key, value in metrics.items() if value is not None}
     artifacts = artifacts_of(first_run.state_details.flow_run_id)
     assert set(artifacts) == set(ARTIFACT_KEYS)
 
@@ -289,7 +291,8 @@ def test_served_deployment_has_the_cron_schedule_and_settings_of_prefect_yaml(pr
     assert config["schedules"][0]["cron"] == "0 2 * * *"
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert deployment.parameters == {"promotion_metric": "accuracy", "promotion_margin": 0.0, "overrides": [],
+    assert deployment.parameters == {"promotion_metric": "accuracy", "promotion_margin": 0.0, "max_epsilon": None,
+                                     "overrides": [],
                                      "lock_timeout_seconds": 3600}
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
@@ -298,19 +301,21 @@ def test_served_deployment_has_the_cron_schedule_and_settings_of_prefect_yaml(pr
 # --- promotion, on plain files -------------------------------------------------------------
 
 
-def workspace(root: Path, accuracy: float) -> Path:
-    """A project folder whose workspace holds a model and evaluate's outputs with this accuracy."""
+def workspace(root: Path, accuracy: float, epsilon: float | None = None) -> Path:
+    """A project folder whose workspace holds a model and evaluate's outputs with this accuracy (and ε)."""
     (root / "models").mkdir(parents=True, exist_ok=True)
     (root / "reports").mkdir(exist_ok=True)
     (root / "models/model.pt").write_bytes(f"weights {accuracy}".encode())
-    (root / "reports/metrics.json").write_text(json.dumps({"accuracy": accuracy, "f1_macro": accuracy / 2}))
+    (root / "reports/metrics.json").write_text(json.dumps({"accuracy": accuracy, "f1_macro": accuracy / 2,
+                                                           "epsilon": epsilon, "delta": epsilon and 1e-5}))
     (root / "reports/per_class.csv").write_text("class,precision,recall,f1,support\ncat,1,1,1,2\n")
     return root
 
 
-def promote_if_decided(root: Path, metric: str = "accuracy", margin: float = 0.0) -> champion.Decision:
+def promote_if_decided(root: Path, metric: str = "accuracy", margin: float = 0.0,
+                       max_epsilon: float | None = None) -> champion.Decision:
     challenger = json.loads((root / "reports/metrics.json").read_text())
-    decision = champion.decide(challenger, champion.champion_metrics(root), metric, margin)
+    decision = champion.decide(challenger, champion.champion_metrics(root), metric, margin, max_epsilon)
     if decision.promote:
         champion.promote(root, {"experiment": f"run {challenger['accuracy']}"})
     return decision
@@ -332,6 +337,17 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_is_not(tmp_path):
     assert (tmp_path / "models/champion/model.pt").read_bytes() == b"weights 0.6"
     assert json.loads((tmp_path / "models/champion/provenance.json").read_text()) == {"experiment": "run 0.6"}
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["champion", "model.pt"]
+
+
+def test_a_model_above_max_epsilon_is_never_promoted_and_a_non_private_one_counts_as_infinite(tmp_path):
+    not_private = promote_if_decided(workspace(tmp_path, 0.9), max_epsilon=8)
+    assert not not_private.promote
+    assert not_private.reason == "this run has no privacy guarantee (ε = ∞), above max_epsilon 8: never promoted"
+    assert not (tmp_path / "models/champion").exists()
+    too_much = promote_if_decided(workspace(tmp_path, 0.8, epsilon=10.0), max_epsilon=8)
+    assert not too_much.promote and "ε 10, above max_epsilon 8" in too_much.reason
+    assert promote_if_decided(workspace(tmp_path, 0.6, epsilon=7.99), max_epsilon=8).promote
+    assert promote_if_decided(workspace(tmp_path, 0.9), max_epsilon=None).promote  # no limit: any model
 
 
 def test_the_margin_and_the_metric_come_from_the_caller(tmp_path):

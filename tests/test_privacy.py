@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from flows.publish import privacy_rows
+from stages.report import guarantee
 from stages.privacy import (PUBLIC_MEAN, Budget, PrivateSteps, epsilon_spent, noise_multiplier_for,
                             poisson_batches)
 from stages.models import build_model, load_checkpoint
@@ -156,3 +158,14 @@ def test_what_a_private_run_cannot_take_is_refused_at_train(private_project, tmp
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not project.model.exists()
+
+
+def test_the_report_and_the_prefect_summary_show_the_budget_beside_the_metrics(private_project):
+    metrics = json.loads((private_project.reports / "metrics.json").read_text())
+    privacy = load_checkpoint(private_project.model)[1]["privacy"]
+
+    assert f"with differential privacy: ε = {privacy['epsilon']:.3g} at δ = 0.001" in guarantee(privacy)
+    assert privacy_rows(metrics, None)[0] == f"| epsilon | {metrics['epsilon']:.4g} | – | |"
+    assert guarantee(None) == "without a privacy guarantee (ε = ∞)"
+    assert privacy_rows({"epsilon": None, "delta": None}, metrics) == [
+        f"| epsilon | ∞ (not private) | {metrics['epsilon']:.4g} | |", "| delta | – | 0.001 | |"]
