@@ -41,6 +41,7 @@ class Family:
     attention: bool = False  # a transformer: explained by integrated gradients, Grad-CAM has no feature map to use
     int8: str | None = None  # why static int8 quantisation does not apply, or None when it does
     pooled_grid: int = 0  # the classifier reads the last feature maps average-pooled to this fixed grid
+    private: str | None = None  # why a private run (DP-SGD, stages/privacy.py) cannot train it, or None when it can
 
 
 def cut_resnet_stem(network: nn.Module) -> None:
@@ -104,6 +105,11 @@ def fold_copied_features(network: nn.Module, grid: int, input_side: int) -> None
     network.avgpool = nn.AdaptiveAvgPool2d((side, side))
 
 
+# Why Opacus cannot compute the per-image gradients of some families (measured: tests/test_privacy.py).
+IN_PLACE = ("its forward changes the output of a layer Opacus hooks in place (the residual sum, in-place ReLUs), "
+            "which autograd refuses")
+BUFFERS = "its attention layers keep buffers beside trainable parameters, which Opacus does not support"
+
 CHANNELS_LAST_MEAN = ("its quantised global mean cannot take the channels_last tensors its int8 convolutions give "
                       "(torch.ao FX, measured: 'required rank 4 tensor to use channels_last format')")
 
@@ -111,26 +117,27 @@ CHANNELS_LAST_MEAN = ("its quantised global mean cannot take the channels_last t
 # measured with each family's smallest member (tests/test_architectures.py checks every member).
 FAMILIES = {
     "alexnet": Family("AlexNet", min_side=63, pooled_grid=6),
-    "convnext": Family("ConvNeXt", min_side=32, batchnorm=False),
-    "densenet": Family("DenseNet", cut_stem=cut_densenet_stem),
+    "convnext": Family("ConvNeXt", min_side=32, batchnorm=False,
+                       private="its stochastic depth draws random numbers inside the vmap Opacus runs its blocks in"),
+    "densenet": Family("DenseNet", cut_stem=cut_densenet_stem, private=IN_PLACE),
     "efficientnet": Family("EfficientNet (v1, v2)"),
     # GoogLeNet's auxiliary classifiers weigh 0.3 each, as in its paper (Szegedy et al., 2015).
-    "googlenet": Family("GoogLeNet", min_side=16, aux_weight=0.3, aux_modules=("aux1", "aux2")),
+    "googlenet": Family("GoogLeNet", min_side=16, aux_weight=0.3, aux_modules=("aux1", "aux2"), private=IN_PLACE),
     # Inception v3's auxiliary classifier needs 17x17 maps, which only its native 299 px give: it is
     # built with it from 299 px (weighing 0.4, as PyTorch's fine-tuning tutorial), without below.
-    "inception": Family("Inception v3", min_side=75, aux_weight=0.4, aux_modules=("AuxLogits",)),
-    "maxvit": Family("MaxViT", side_multiple=224, attention=True),
+    "inception": Family("Inception v3", min_side=75, aux_weight=0.4, aux_modules=("AuxLogits",), private=IN_PLACE),
+    "maxvit": Family("MaxViT", side_multiple=224, attention=True, private=BUFFERS),
     # MNASNet's BatchNorm momentum, 0.0003 (TensorFlow's decay 0.9997), is made for ImageNet's long runs: in
     # a short one the running statistics stay near their initial values, and in eval mode the network
     # diverges (measured: infinite activations after one step from scratch). PyTorch's default instead.
     "mnasnet": Family("MNASNet", batchnorm_momentum=0.1, int8=CHANNELS_LAST_MEAN),
     "mobilenetv2": Family("MobileNet v2"),
-    "mobilenetv3": Family("MobileNet v3", cut_stem=cut_mobilenet_v3_stem),
+    "mobilenetv3": Family("MobileNet v3", cut_stem=cut_mobilenet_v3_stem, private=IN_PLACE),
     "regnet": Family("RegNet"),
-    "resnet": Family("ResNet, ResNeXt, Wide ResNet", cut_stem=cut_resnet_stem),
+    "resnet": Family("ResNet, ResNeXt, Wide ResNet", cut_stem=cut_resnet_stem, private=IN_PLACE),
     "shufflenetv2": Family("ShuffleNet v2", int8=CHANNELS_LAST_MEAN),
     "squeezenet": Family("SqueezeNet", min_side=24),
-    "swin_transformer": Family("Swin Transformer (v1, v2)", batchnorm=False, attention=True),
+    "swin_transformer": Family("Swin Transformer (v1, v2)", batchnorm=False, attention=True, private=BUFFERS),
     "vgg": Family("VGG", min_side=32, pooled_grid=7),
     # Built for the image side (rounded up to whole patches): its position embeddings, and ImageNet's, are
     # interpolated to that many patches.
@@ -170,6 +177,12 @@ def module_of(name: str) -> str:
 
 def family_of(name: str) -> Family:
     return PROJECT_FAMILIES[name] if name in PROJECT_FAMILIES else FAMILIES[module_of(name)]
+
+
+def private_families() -> str:
+    """The families a private run trains, in words."""
+    return ", ".join(family.title for family in (*PROJECT_FAMILIES.values(), *FAMILIES.values())
+                     if family.private is None)
 
 
 def uses_batchnorm(name: str) -> bool:

@@ -13,7 +13,8 @@ class StageError(Exception):
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a StageError becomes one line on stderr and exit status 1."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # force: a library (Opacus) may have given the root logger a handler of its own on import.
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", force=True)
     try:
         main()
     except StageError as error:

@@ -181,6 +181,8 @@ def build_model(architecture: str, num_classes: int, image_size: int, widths: li
                 mean: list[float], std: list[float], private: bool = False) -> Classifier:
     """The model train fits; `private`: the variant a private run trains (architectures.private_network)."""
     network = build_network(architecture, num_classes, image_size, widths)
+    # The head is found before a private run's changes, which replace normalisation and attention layers only.
+    head = head_names(architecture, num_classes, image_size, widths, network)
     if private:
         try:
             network = architectures.private_network(network)
@@ -190,12 +192,12 @@ def build_model(architecture: str, num_classes: int, image_size: int, widths: li
     needs_resize = side is not None and (side != image_size or architectures.family_of(architecture).attention)
     model = Classifier(network, mean, std, side if needs_resize else None)
     model.architecture = architecture
-    model.head = head_names(architecture, num_classes, image_size, widths, network, private)
+    model.head = head
     return model
 
 
 def head_names(architecture: str, num_classes: int, image_size: int, widths: list[int] | None,
-               network: nn.Module, private: bool = False) -> set[str]:
+               network: nn.Module) -> set[str]:
     """The network's head, as its state-dict names (architectures.head_names): compared with the same network
     built for one class more, on the meta device where the builder allows it (RegNet computes its widths
     with tensors, so it is built on the CPU)."""
@@ -204,8 +206,6 @@ def head_names(architecture: str, num_classes: int, image_size: int, widths: lis
             probe = build_network(architecture, num_classes + 1, image_size, widths)
     except NotImplementedError:
         probe = build_network(architecture, num_classes + 1, image_size, widths)
-    if private:
-        probe = architectures.private_network(probe)
     return architectures.head_names(network, probe)
 
 

@@ -376,6 +376,10 @@ def private_problems(recipe: SimpleNamespace) -> list[str]:
         problems.append(f"train.target_epsilon is {recipe.target_epsilon} (a private run), which needs "
                         f"{', '.join(f'train.{key}' for key in missing)} too (e.g. delta 1e-5, max_grad_norm 1.0, "
                         f"accountant rdp or prv), or the preset private")
+    why = architectures.family_of(recipe.model).private if recipe.model in architectures.known_models() else None
+    if why:
+        problems.append(f"train.model {recipe.model} cannot train privately: {why} (private runs train these "
+                        f"families: {architectures.private_families()})")
     if recipe.optimizer == "muon":
         # Opacus' DPOptimizer clips each image's gradient over the parameters of one optimiser; muon is two.
         problems.append("train.optimizer muon cannot train privately: DP-SGD clips each image's whole gradient "

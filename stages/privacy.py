@@ -17,7 +17,6 @@ cannot compute is refused before any training.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from stages.architectures import private_families
 from stages.errors import StageError
 
 # ImageNet's channel statistics, as torchvision publishes them with its weights: public figures, so a
@@ -60,9 +60,7 @@ def check_per_image_gradients(model: nn.Module, model_name: str, side: int) -> N
 
 
 def supported_models_hint() -> str:
-    # Measured with tests/test_privacy.py's one network of each family (the README's table lists them all).
-    return ("private runs train lenet, convnet, VGG, AlexNet, SqueezeNet, EfficientNet, MobileNet v2, MNASNet, "
-            "RegNet, ShuffleNet v2 or Vision Transformer models")
+    return f"private runs train these families: {private_families()}"
 
 
 def first_line(problem) -> str:

@@ -10,10 +10,14 @@ import torch
 
 from flows.publish import privacy_rows
 from stages.report import guarantee
-from stages.privacy import (PUBLIC_MEAN, Budget, PrivateSteps, epsilon_spent, noise_multiplier_for,
-                            poisson_batches)
+from stages.architectures import FAMILIES, family_of, is_torchvision, module_of
+from stages.errors import StageError
+from stages.params import ParamsError, load_params
+from stages.privacy import (PUBLIC_MEAN, Budget, PrivateSteps, check_per_image_gradients, epsilon_spent,
+                            noise_multiplier_for, poisson_batches)
 from stages.models import build_model, load_checkpoint
-from tests.conftest import TINY_PARAMS, prepare_tiny_set
+from conftest import TINY_PARAMS, prepare_tiny_set
+from datamaker import write_params
 
 # CIFAR-10's 50,000 images in expected batches of 4,096 for 20 epochs' worth of steps (244).
 Q, STEPS, DELTA = 4096 / 50_000, 244, 1e-5
@@ -145,8 +149,6 @@ def test_offline_copies_are_refused_in_a_private_run(private_project, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.delta": 0.05}, "train.delta is 0.05, not below 1 / 30 training images (0.0333)"),
-    ({"train.model": "resnet18", "train.widths": "none"},
-     "train.model resnet18 cannot train privately: Opacus cannot compute its per-image gradients"),
 ])
 def test_what_a_private_run_cannot_take_is_refused_at_train(private_project, tmp_path, overrides, message):
     project = private_project.copy(tmp_path, "params.yaml", "data")
@@ -158,6 +160,42 @@ def test_what_a_private_run_cannot_take_is_refused_at_train(private_project, tmp
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not project.model.exists()
+
+
+# One network of each family, at 32 px (MaxViT: 224, inside the model), and whether Opacus computes its per-image
+# gradients: what the table says.
+FAMILY_MEMBERS = ["lenet", "convnet", "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet",
+                  "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+                  "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_16"]
+
+
+def test_every_family_is_covered_once():
+    assert sorted({module_of(name) for name in FAMILY_MEMBERS if is_torchvision(name)}) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("name", FAMILY_MEMBERS)
+def test_the_table_says_which_families_train_privately_as_opacus_finds(name):
+    widths = [16, 32, 32] if name == "convnet" else None
+    try:
+        model = build_model(name, 3, 32, widths, PUBLIC_MEAN, [0.25] * 3, private=True)
+        check_per_image_gradients(model, name, 32)
+        refused = None
+    except StageError as error:
+        refused = str(error)
+
+    why = family_of(name).private
+    if why is None:
+        assert refused is None
+    else:
+        assert refused is not None and refused.startswith(f"train.model {name} cannot train privately")
+
+
+def test_a_family_that_cannot_train_privately_is_refused_by_params(tmp_path):
+    path = write_params(tmp_path, {"train.preset": "private", "train.model": "resnet18", "train.widths": "none"})
+
+    with pytest.raises(ParamsError, match="train.model resnet18 cannot train privately: its forward changes the "
+                                          "output of a layer Opacus hooks in place"):
+        load_params(path)
 
 
 def test_the_report_and_the_prefect_summary_show_the_budget_beside_the_metrics(private_project):
