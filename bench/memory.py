@@ -10,7 +10,8 @@
    against the budget plus the model's size: the stage's and its workers' together, polled from /proc
    as Pss_Anon (RssAnon with the pages forked workers share counted once). Memory-mapped file pages
    are not counted: the kernel drops them under pressure.
-3. One epoch of CIFAR-10 (--cifar-preset) in memory and streamed: images/s of each.
+3. Epochs of CIFAR-10 (--cifar-preset) in memory and streamed, in turn (--rounds): images/s of each,
+   the ratio of the medians.
 
 Figures go to --out as JSON and to the log as a table. Not a test: the machines are shared; compare
 figures of one run.
@@ -49,16 +50,20 @@ def main() -> None:
     params = read_params(PROJECT_ROOT / "params.yaml")
     figures = {"machine": describe_machine(), "cores": len(os.sched_getaffinity(0))}
 
-    photos = generate_folder(work / "photos", classes=4, per_class=args.photos // 4, size=(640, 480))
-    figures["decode_photos"] = decode_speeds(params, photos, work / "decode-photos", image_size=args.image_size)
-    if args.cifar:
-        figures["decode_cifar"] = decode_speeds(params, Path(args.cifar), work / "decode-cifar", image_size=32)
+    parts = set(args.parts)
+    if "1" in parts:
+        photos = generate_folder(work / "photos", classes=4, per_class=args.photos // 4, size=(640, 480))
+        figures["decode_photos"] = decode_speeds(params, photos, work / "decode-photos", image_size=args.image_size)
+    if args.cifar and parts & {"1", "3"}:
+        cores = ("one", "all") if "1" in parts else ("all",)
+        figures["decode_cifar"] = decode_speeds(params, Path(args.cifar), work / "decode-cifar", 32, cores)
 
-    synthetic = generate_folder(work / "synthetic", classes=args.classes, per_class=args.per_class,
-                                size=(args.source_side, args.source_side))
-    figures["larger_than_memory"] = larger_than_memory(params, synthetic, work / "streamed", args)
+    if "2" in parts:
+        synthetic = generate_folder(work / "synthetic", classes=args.classes, per_class=args.per_class,
+                                    size=(args.source_side, args.source_side))
+        figures["larger_than_memory"] = larger_than_memory(params, synthetic, work / "streamed", args)
 
-    if args.cifar:
+    if args.cifar and "3" in parts:
         figures["cifar_epoch"] = streamed_against_in_memory(params, work / "decode-cifar" / "all" / "data", work, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
@@ -80,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cifar-preset", default="default", help="the recipe of part 3's epoch")
     parser.add_argument("--cifar-budget", default="64MiB", help="train.memory_budget that streams CIFAR-10")
     parser.add_argument("--photos", type=int, default=2000, help="640x480 photos for part 1")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="part 3's epochs of each path, taken in turn (the machine's noise hits both alike)")
+    parser.add_argument("--parts", default="123", help="the parts to run, e.g. 3 (part 3 decodes CIFAR-10 itself)")
     return parser.parse_args()
 
 
@@ -186,16 +194,18 @@ def anonymous_bytes(pid: int) -> int:
 # --- the three measurements ----------------------------------------------------------------------
 
 
-def decode_speeds(params: dict, source: Path, folder: Path, image_size: int) -> dict:
+def decode_speeds(params: dict, source: Path, folder: Path, image_size: int,
+                  cores_tried: tuple[str, ...] = ("one", "all")) -> dict:
     """download of `source` on one core, then on every core."""
     figures = {}
-    for cores in ("one", "all"):
+    for cores in cores_tried:
         project = scratch_project(folder / cores, apply_overrides(params, {"data.source": str(source.resolve()),
                                                                            "data.image_size": image_size}))
         figures[f"{cores}_core_seconds"] = run_measured("download", project, one_core=cores == "one")["seconds"]
         log.info("decoding %s at %d px on %s core(s): %.1f s", source, image_size, cores,
                  figures[f"{cores}_core_seconds"])
-    figures["speedup"] = round(figures["one_core_seconds"] / figures["all_core_seconds"], 2)
+    if "one_core_seconds" in figures:
+        figures["speedup"] = round(figures["one_core_seconds"] / figures["all_core_seconds"], 2)
     return figures
 
 
@@ -222,23 +232,30 @@ def larger_than_memory(params: dict, source: Path, folder: Path, args: argparse.
 
 
 def streamed_against_in_memory(params: dict, prepared_project: Path, work: Path, args: argparse.Namespace) -> dict:
-    """One epoch of CIFAR-10 in memory, then streamed (the same batches)."""
-    figures = {}
+    """Epochs of CIFAR-10 in memory and streamed (the same batches), in turn for --rounds rounds: the medians'
+    ratio, and each round's."""
+    projects = {}
     for path, budget in (("in_memory", "auto"), ("streamed", args.cifar_budget)):
         settings = apply_overrides(params_for_preset(params, args.cifar_preset, {}), {
             "augment.copies": 0, "train.epochs": 1, "train.test_each_epoch": False, "train.memory_budget": budget})
-        project = scratch_project(work / f"cifar-{path}", settings)
-        (project / "data").mkdir()
-        (project / "data" / "prepared").symlink_to((prepared_project / "prepared").resolve())
-        run_measured("augment", project)
-        measured = run_measured("train", project)
-        metrics = json.loads((project / "reports" / "train" / "metrics.json").read_text())
-        figures[path] = {**measured, "images_per_second": metrics["images_per_second"],
-                         "accuracy": metrics["test"]["accuracy"]}
-        log.info("CIFAR-10, one epoch of %s, %s: %s", args.cifar_preset, path, figures[path])
-    figures["streamed_share"] = round(figures["streamed"]["images_per_second"]
-                                      / figures["in_memory"]["images_per_second"], 3)
-    return figures
+        projects[path] = scratch_project(work / f"cifar-{path}", settings)
+        (projects[path] / "data").mkdir()
+        (projects[path] / "data" / "prepared").symlink_to((prepared_project / "prepared").resolve())
+        run_measured("augment", projects[path])
+    rounds = {path: [] for path in projects}
+    for round_number in range(1, args.rounds + 1):
+        for path, project in projects.items():
+            measured = run_measured("train", project)
+            metrics = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+            rounds[path].append({**measured, "images_per_second": metrics["images_per_second"],
+                                 "accuracy": metrics["test"]["accuracy"]})
+            log.info("CIFAR-10, one epoch of %s, %s, round %d: %s", args.cifar_preset, path, round_number,
+                     rounds[path][-1])
+    median = {path: float(np.median([run["images_per_second"] for run in runs])) for path, runs in rounds.items()}
+    return {"rounds": rounds, "median_images_per_second": median,
+            "round_shares": [round(streamed["images_per_second"] / in_memory["images_per_second"], 3)
+                             for in_memory, streamed in zip(rounds["in_memory"], rounds["streamed"])],
+            "streamed_share": round(median["streamed"] / median["in_memory"], 3)}
 
 
 if __name__ == "__main__":
