@@ -1,11 +1,15 @@
 """python -m bench: the tutorial baseline, then each preset through the pipeline; one results row per run.
 
-    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz                  # every preset
+    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz                  # every non-private preset
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets fast,default
+    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets private  # rows private-eps1, -eps3, -eps8
 
 Writes <out>/results.csv (a row as soon as a run finishes), results.md and accuracy_vs_time.png.
 A rerun skips the rows already there (same CPU), so an interrupted run carries on; --fresh
-starts over. The tutorial always runs first: T, its training time, comes from the same file.
+starts over. The tutorial always runs first: T, its training time, comes from the same file. A rerun
+with rows left to run times the tutorial again and refuses to go on when this T differs from the
+file's by more than --t-tolerance: two machines of one CPU name can differ by half.
+A private preset (train.target_epsilon set) runs once per --epsilons, the same recipe at each budget.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import pandas as pd
 
 from stages.outputs import write_json
 
-from bench.pipeline import (extract_archive, measure_pipeline, params_for_preset, parse_overrides, prepare_data,
-                            preset_names, read_params, run_preset)
+from bench.pipeline import (apply_overrides, extract_archive, measure_pipeline, params_for_preset, parse_overrides, prepare_data,
+                            is_private, preset_names, read_params, run_preset)
 from bench.processes import ChildFailed, run_module
-from bench.results import (REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machine, plot_accuracy_vs_time,
-                           write_markdown)
+from bench.results import (EPSILON_SUFFIX, REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machine,
+                           plot_accuracy_vs_time, write_markdown)
 
 log = logging.getLogger("bench")
 
@@ -47,8 +51,7 @@ def main() -> int:
     params = read_params(Path(args.params))
     overrides = parse_overrides(args.set)
     presets = args.presets.split(",") if args.presets else preset_names(params)
-    preset_params = {preset: params_for_preset(params, preset, overrides)  # fail early
-                     for preset in [*presets, *args.repeat]}
+    runs = planned_runs(params, overrides, presets, args.repeat, args.epsilons)  # fails early
     if args.fresh:
         start_over(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,22 +59,23 @@ def main() -> int:
                                     f"/cache/\n/runs/\n/bench.log\n/{PLOT}\n")
     rows = load_rows(out / "results.csv")
     refuse_other_machine(rows, out)
-    log.info("benchmark into %s: tutorial, then %s", out, ", ".join(presets))
+    log.info("benchmark into %s: tutorial, then %s", out, ", ".join(runs))
 
+    if TUTORIAL in set(rows["name"]) and set(runs) - set(rows["name"]):
+        check_t_unchanged(rows, images, args, out)
     rows = run_tutorial(rows, images, args, out)
     if args.commit:
         commit_results(out, TUTORIAL)
     t_seconds = float(rows.loc[rows["name"] == TUTORIAL, "train_seconds"].iloc[0])
     failed = []
-    for name in [*presets, *(f"{preset}{REPEAT_SUFFIX}" for preset in args.repeat)]:
-        preset = name.removesuffix(REPEAT_SUFFIX)
+    for name, run_params in runs.items():
         if name in set(rows["name"]):
             log.info("%s: done before (row in %s), skipped", name, out / "results.csv")
             continue
         try:
-            data = prepare_data(preset_params[preset], images, out / "cache")
+            data = prepare_data(run_params, images, out / "cache")
             log.info("%s: training (T = %.1f s)", name, t_seconds)
-            figures = run_preset(preset, preset_params[preset], data, out / "runs" / name)
+            figures = run_preset(name, run_params, data, out / "runs" / name)
         except ChildFailed as error:
             log.error("%s: failed, no row written (a rerun tries it again): %s", name, error)
             failed.append(name)
@@ -107,11 +111,47 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tutorial-epochs", type=int, default=2, help="the tutorial trains 2; fewer for smoke runs")
     parser.add_argument("--repeat", type=lambda text: text.split(","), default=[], metavar="PRESETS",
                         help="run these presets a second time (rows <preset>-repeat): same seed, same figures?")
+    parser.add_argument("--epsilons", type=lambda text: [float(value) for value in text.split(",")],
+                        default=[1.0, 3.0, 8.0], metavar="EPSILONS",
+                        help="the target ε a private preset runs at, one row each (default 1,3,8)")
+    parser.add_argument("--t-tolerance", type=float, default=0.05,
+                        help="how far a rerun's T may be from the file's before the rows are refused to mix "
+                             "(a fraction; default 0.05)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip timing the decoding and a no-op dvc repro in a scratch DVC project")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit the results files after each row (a long background run keeps what it measured)")
     return parser.parse_args()
+
+
+def planned_runs(params: dict, overrides: dict, presets: list[str], repeats: list[str],
+                 epsilons: list[float]) -> dict[str, dict]:
+    """Each row to run and its params: a preset, a private preset once per target ε (its frontier), and the
+    repeats."""
+    runs = {}
+    for preset, suffix in [*((preset, "") for preset in presets), *((preset, REPEAT_SUFFIX) for preset in repeats)]:
+        settings = params_for_preset(params, preset, overrides)
+        if not is_private(settings):
+            runs[f"{preset}{suffix}"] = settings
+            continue
+        for epsilon in epsilons:
+            runs[f"{preset}{EPSILON_SUFFIX}{epsilon:g}{suffix}"] = apply_overrides(settings,
+                                                                                 {"train.target_epsilon": epsilon})
+    return runs
+
+
+def check_t_unchanged(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out: Path) -> None:
+    """Time the tutorial again before adding rows to a file: ratios to T compare only when every row ran at
+    the speed the file's T was measured at (one CPU name ran it in 93 s and in 148 s)."""
+    recorded = float(rows.loc[rows["name"] == TUTORIAL, "train_seconds"].iloc[0])
+    log.info("tutorial: timing it again before adding rows (the file's T is %.1f s)", recorded)
+    now = time_tutorial(images, args, out, f"{TUTORIAL}-again")["train_seconds"]
+    change = now / recorded - 1
+    if abs(change) > args.t_tolerance:
+        raise SystemExit(f"error: T is {now:.1f} s on this machine now, {recorded:.1f} s in {out / 'results.csv'} "
+                         f"({100 * change:+.1f} %, more than --t-tolerance {100 * args.t_tolerance:g} %): rows timed "
+                         "at two speeds do not compare. Use another --out, or --fresh to discard the rows there.")
+    log.info("tutorial: T now %.1f s (%+.1f %% of the file's): the rows carry on", now, 100 * change)
 
 
 def start_over(out: Path) -> None:
@@ -127,17 +167,29 @@ def refuse_other_machine(rows: pd.DataFrame, out: Path) -> None:
     # work, and ratios to T mean something only when every row, T included, ran on one CPU.
     here = machine()["cpu_model"]
     others = sorted(set(rows["cpu_model"]) - {here})
+    # One CPU name covers chips with and without AVX-512 or bf16 (stages/hardware.py picks the precision by them).
+    flags = machine()["cpu_flags"]
+    others += sorted(f"{model} ({row_flags or 'none of the speed flags'})"
+                     for model, row_flags in set(zip(rows["cpu_model"], rows["cpu_flags"].fillna("")))
+                     if model == here and row_flags != flags)
     if others:
         raise SystemExit(f"error: {out / 'results.csv'} holds rows measured on {', '.join(others)}, this machine is "
-                         f"{here}: timings of two machines do not compare. Use another --out, or --fresh to discard them.")
+                         f"{here} ({flags or 'none of the speed flags'}): timings of two machines do not compare. "
+                         "Use another --out, or --fresh to discard them.")
 
 
 def run_tutorial(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out: Path) -> pd.DataFrame:
     if TUTORIAL in set(rows["name"]):
         log.info("tutorial: done before (row in %s), skipped", out / "results.csv")
         return rows
+    figures = time_tutorial(images, args, out, TUTORIAL)
+    return record(out, rows, figures, figures["train_seconds"])
+
+
+def time_tutorial(images: Path, args: argparse.Namespace, out: Path, run_name: str) -> dict:
+    """The PyTorch tutorial's LeNet trained in out/runs/<run_name>: its figures as a results row."""
     folder = extract_archive(images, out / "cache")
-    run_dir = out / "runs" / TUTORIAL
+    run_dir = out / "runs" / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("tutorial: training LeNet on %s, %d epochs (this is T)", folder, args.tutorial_epochs)
     result_file = run_dir / "result.json"
@@ -145,11 +197,10 @@ def run_tutorial(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out
                           "--result", str(result_file.resolve()), cwd=run_dir, log_file=run_dir / "tutorial.log",
                           tag=TUTORIAL)
     result = json.loads(result_file.read_text())
-    figures = {"name": TUTORIAL, "accuracy": result["accuracy"], "accuracy_tta": None,
-               "train_seconds": result["train_seconds"], "images_per_second": result["images_per_second"],
-               "peak_memory_mb": finished.peak_memory_mb, "device": result["device"],
-               "precision": result["precision"], "threads": result["threads"]}
-    return record(out, rows, figures, result["train_seconds"])
+    return {"name": TUTORIAL, "accuracy": result["accuracy"], "accuracy_tta": None,
+            "train_seconds": result["train_seconds"], "images_per_second": result["images_per_second"],
+            "peak_memory_mb": finished.peak_memory_mb, "device": result["device"],
+            "precision": result["precision"], "threads": result["threads"]}
 
 
 def record(out: Path, rows: pd.DataFrame, figures: dict | None, t_seconds: float) -> pd.DataFrame:

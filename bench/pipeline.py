@@ -53,11 +53,22 @@ def write_params(params: dict, folder: Path) -> Path:
 
 
 def preset_names(params: dict) -> list[str]:
-    """Every preset params.yaml's `presets:` section names that trains from scratch (or just `default`
-    before there is a section): the benchmark times training, and a preset that starts from
-    downloaded weights (finetune) is neither comparable nor runnable offline; `--presets` still runs it."""
+    """Every preset params.yaml's `presets:` section names that trains from scratch without privacy (or just
+    `default` before there is a section): the benchmark times training, and a preset that starts from
+    downloaded weights (finetune) is neither comparable nor runnable offline; a private preset runs once per
+    ε of the frontier, hours on a CPU, so it is asked for by name. `--presets` runs any of them."""
     presets = params.get("presets") or {}
-    return [name for name, recipe in presets.items() if recipe.get("weights", "random") == "random"] or [DEFAULT_PRESET]
+    return [name for name, recipe in presets.items()
+            if recipe.get("weights", "random") == "random" and recipe.get("target_epsilon") is None] or [DEFAULT_PRESET]
+
+
+def is_private(params: dict) -> bool:
+    """Whether the run params_for_preset made trains with DP-SGD: train.target_epsilon, else its preset's."""
+    train = params["train"]
+    if "target_epsilon" in train:
+        return train["target_epsilon"] is not None
+    recipe = (params.get("presets") or {}).get(train.get("preset")) or {}
+    return recipe.get("train", recipe).get("target_epsilon") is not None
 
 
 def parse_overrides(settings: list[str]) -> dict:
@@ -176,6 +187,7 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
     return {
         "accuracy": json.loads((no_tta / "reports" / "metrics.json").read_text())["accuracy"],
         "accuracy_tta": json.loads((project / "reports" / "metrics.json").read_text())["accuracy"],
+        "epsilon": summary.get("epsilon"),
         "train_seconds": summary["train_seconds"],
         "load_seconds": summary["load_seconds"],
         "images_per_second": summary["images_per_second"],

@@ -17,12 +17,13 @@ from stages.hardware import cpu_model_name
 from stages.outputs import atomic_path
 
 COLUMNS = [
-    "name", "accuracy", "accuracy_tta", "train_seconds", "ratio_to_T", "images_per_second", "load_seconds",
-    "peak_memory_mb",
+    "name", "accuracy", "accuracy_tta", "epsilon", "train_seconds", "ratio_to_T", "images_per_second",
+    "load_seconds", "peak_memory_mb",
     "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version", "finished_at",
 ]
 TUTORIAL = "tutorial"
 REPEAT_SUFFIX = "-repeat"  # a preset's second run (--repeat), for the determinism check
+EPSILON_SUFFIX = "-eps"  # a private preset's run at one target ε of the frontier: private-eps8
 # The CPU features that decide training speed: AVX-512 and native bf16 (see stages/hardware.py).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
@@ -75,7 +76,8 @@ def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None)
         "",
         f"T = **{tutorial['train_seconds']:.1f} s**: the PyTorch tutorial's training time on this machine "
         f"(LeNet, batch 4, per-image PIL decoding), test accuracy {100 * tutorial['accuracy']:.2f} %.",
-        "Accuracies are fractions of the test split; `accuracy_tta` with evaluate's test-time augmentation.",
+        "Accuracies are fractions of the test split; `accuracy_tta` with evaluate's test-time augmentation; "
+        "`epsilon` the ε a private run spent (δ as its preset says), empty for the others.",
         "",
         rows.to_markdown(index=False, floatfmt="g"),
         "",

@@ -93,19 +93,60 @@ def test_a_rerun_skips_finished_rows(benchmarked):
     assert (out / "results.csv").read_text() == before
 
 
-def test_rows_of_another_cpu_are_refused_and_kept(benchmarked, tmp_path):
+def copy_of_results(benchmarked, tmp_path: Path, **changes) -> Path:
+    """A folder beside a link to the archive holding the benchmark's results.csv with columns changed."""
     archive, out, _ = benchmarked
     other = tmp_path / "other"
     other.mkdir()
     (tmp_path / archive.name).symlink_to(archive)
-    rows = pd.read_csv(out / "results.csv")
-    rows["cpu_model"] = "Some Other CPU"
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    for column, change in changes.items():
+        rows[column] = change(rows[column])
     rows.to_csv(other / "results.csv", index=False)
+    return other
+
+
+@pytest.mark.parametrize("column, value, named", [("cpu_model", "Some Other CPU", "Some Other CPU"),
+                                                   ("cpu_flags", "avx2 amx_bf16", "(avx2 amx_bf16)")],
+                         ids=["cpu-name", "same-name-other-flags"])
+def test_rows_of_another_cpu_are_refused_and_kept(benchmarked, tmp_path, column, value, named):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path, **{column: lambda values: value})
     result = run_bench(archive, other)
     assert result.returncode != 0
-    assert "Some Other CPU" in result.stderr and "--fresh" in result.stderr
-    assert pd.read_csv(other / "results.csv")["cpu_model"].eq("Some Other CPU").all()
+    assert named in result.stderr and "--fresh" in result.stderr
+    assert pd.read_csv(other / "results.csv")[column].eq(value).all()
     assert not (other / "runs").exists()  # refused before any work
+
+
+def test_rows_are_not_added_when_t_has_changed_since_the_file_was_started(benchmarked, tmp_path):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path, train_seconds=lambda seconds: seconds * 10)
+    before = (other / "results.csv").read_text()
+
+    result = run_bench(archive, other, "--presets", "lenet")
+
+    assert result.returncode != 0
+    assert "T is " in result.stderr and "more than --t-tolerance 5 %" in result.stderr
+    assert (other / "results.csv").read_text() == before
+    assert not (other / "runs" / "lenet").exists()
+
+
+def test_a_private_preset_gives_a_row_per_epsilon_of_its_frontier(benchmarked, tmp_path):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path)
+
+    # 24 px: GroupNorm needs more than one value per group in convnet's last block. T of a second is noisy.
+    result = run_bench(archive, other, "--presets", "private", "--epsilons", "8,3", "--set", "data.image_size=24",
+                       "--set", "train.batch_size=8", "--t-tolerance", "10", "--no-pipeline")
+
+    assert result.returncode == 0, result.stderr
+    assert "T now" in result.stderr
+    rows = pd.read_csv(other / "results.csv").set_index("name")
+    assert list(rows.index[-2:]) == ["private-eps8", "private-eps3"]
+    assert rows.loc["private-eps8", "epsilon"] == pytest.approx(8, rel=0.02)
+    assert rows.loc["private-eps3", "epsilon"] == pytest.approx(3, rel=0.02)
+    assert rows.loc["default", "epsilon"] != rows.loc["default", "epsilon"]  # NaN: not private
 
 
 def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
@@ -113,6 +154,7 @@ def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
 
     assert {"lenet", "fast", "default", "accurate", "airbench94"} <= set(names)
     assert "finetune" not in names  # starts from downloaded weights: not a training-time peer, nor offline
+    assert "private" not in names  # one row per ε, hours each on a CPU: asked for by name
 
 
 def run_step_speed(*arguments: str) -> subprocess.CompletedProcess:
