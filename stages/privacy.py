@@ -17,6 +17,7 @@ cannot compute is refused before any training.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,11 @@ from torch import nn
 
 from stages.architectures import private_families
 from stages.errors import StageError
+
+# Opacus' per-layer hooks are full backward hooks; torch warns about them once per run whenever the input
+# images need no gradient, which they never do here: the warning says nothing about the run.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                        "module outputs", category=UserWarning)
 
 # ImageNet's channel statistics, as torchvision publishes them with its weights: public figures, so a
 # private run normalises with them instead of measuring its own images outside the accounting.
