@@ -26,6 +26,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from stages.architectures import private_families
 from stages.errors import StageError
@@ -40,29 +41,58 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 PUBLIC_MEAN = [0.485, 0.456, 0.406]
 PUBLIC_STD = [0.229, 0.224, 0.225]
 
+# Opacus' convolution grad sampler gives wrong per-image gradients on channels_last activations, the layout
+# train uses elsewhere for speed (measured, Opacus 1.6 and torch 2.14: zeros for every conv after convnet's
+# first two): a private run keeps the default layout.
+MEMORY_FORMAT = torch.contiguous_format
+# How far Opacus' per-image gradient of the probe's images may be from autograd's, relatively: float32 rounding
+# gives up to ~2e-3 (MNASNet's one-channel GroupNorms), channels_last's wrong gradients 1.
+GRADIENT_TOLERANCE = 1e-2
+
 # Per-image gradients take (images x trainable parameters) floats: a Poisson batch is fed through the
 # model in chunks that keep them near this size, its clipped gradients summed before the noise.
 PER_IMAGE_GRADIENT_BYTES = 512 * 2**20
 
 
 def check_per_image_gradients(model: nn.Module, model_name: str, side: int) -> None:
-    """Refuse, before any training, a network whose per-image gradients Opacus cannot compute: it wraps the
-    model and runs one step on two blank images (on a copy, so that the model keeps no hooks)."""
+    """Refuse, before any training, a network whose per-image gradients Opacus cannot compute, or computes
+    wrong: on a copy of the model (which keeps no hooks), Opacus' gradients of two random images, laid out as
+    train lays them, must be autograd's of each image alone."""
     probe = copy.deepcopy(model).train()
-    device = next(probe.parameters()).device
+    for layer in probe.modules():
+        # The same function in each pass. Stochastic depth's p is made tiny, not 0: at 0 it returns its input
+        # itself, which EfficientNet's block then adds to in place, as no training step does.
+        if isinstance(layer, nn.modules.dropout._DropoutNd):
+            layer.p = 0.0
+        if isinstance(layer, StochasticDepth):
+            layer.p = 1e-12
+    parameters = [(name, parameter) for name, parameter in probe.named_parameters() if parameter.requires_grad]
+    device = parameters[0][1].device
+    images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    images = images.contiguous(memory_format=MEMORY_FORMAT)
     try:
-        wrapped = GradSampleModule(probe)
-        outputs = wrapped(torch.zeros(2, 3, side, side, device=device))
-        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        logits.float().sum().backward()
+        expected = [torch.autograd.grad(logits_of(probe(image[None])).float().sum(), [p for _, p in parameters],
+                                        allow_unused=True) for image in images]
+        wrapped = GradSampleModule(probe, loss_reduction="sum")
+        logits_of(wrapped(images)).float().sum().backward()
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise StageError(f"train.model {model_name} cannot train privately: Opacus cannot compute its per-image "
                          f"gradients ({first_line(error)}) ({supported_models_hint()})") from None
-    missing = [name for name, parameter in probe.named_parameters()
-               if parameter.requires_grad and getattr(parameter, "grad_sample", None) is None]
+    missing = [name for name, parameter in parameters if getattr(parameter, "grad_sample", None) is None]
     if missing:
         raise StageError(f"train.model {model_name} cannot train privately: Opacus gives no per-image gradient for "
                          f"{', '.join(missing[:3])} ({supported_models_hint()})")
+    for index, (name, parameter) in enumerate(parameters):
+        reference = torch.stack([torch.zeros_like(parameter) if grads[index] is None else grads[index]
+                                 for grads in expected]).float()
+        error = (parameter.grad_sample.float() - reference).norm() / reference.norm().clamp_min(1e-12)
+        if error > GRADIENT_TOLERANCE:
+            raise StageError(f"train.model {model_name} cannot train privately: Opacus' per-image gradients of "
+                             f"{name} are not autograd's (relative error {error:.2g}) ({supported_models_hint()})")
+
+
+def logits_of(outputs) -> torch.Tensor:
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
 def supported_models_hint() -> str:

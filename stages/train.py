@@ -36,6 +36,7 @@ from stages.models import (Classifier, ConvNet, as_unit_floats, build_model, hea
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
 from stages.pretrained import load_initial_weights
+from stages.privacy import MEMORY_FORMAT as PRIVATE_MEMORY_FORMAT
 from stages.privacy import PUBLIC_MEAN, PUBLIC_STD, Budget, PrivateSteps, check_per_image_gradients, poisson_batches
 
 log = logging.getLogger("train")
@@ -70,7 +71,7 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
     model = create_model(settings, classes, train_set)
     initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
-    model = model.to(compute.device, memory_format=torch.channels_last)
+    model = model.to(compute.device, memory_format=memory_format(settings))
     if settings.target_epsilon is not None:
         check_per_image_gradients(model, settings.model, train_set.side)
     smallest = smallest_image_side(settings.model)
@@ -485,12 +486,18 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedIma
     return total_loss.item() / max(1, seen), total_correct.item() / max(1, seen)
 
 
+def memory_format(settings: TrainParams) -> torch.memory_format:
+    """channels_last, convolutions' fast layout on CPUs and GPUs; a private run's is Opacus' (stages/privacy.py)."""
+    return PRIVATE_MEMORY_FORMAT if settings.target_epsilon is not None else torch.channels_last
+
+
 def forward_loss(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, loss_of,
-                 aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 aux_weight: float = 0.0, layout: torch.memory_format = torch.channels_last
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's mean loss and its logits. Auxiliary classifiers (GoogLeNet's, Inception v3's) add their
     losses at `aux_weight` each, as in their papers."""
     with compute.autocast():
-        outputs = model(images.contiguous(memory_format=torch.channels_last))
+        outputs = model(images.contiguous(memory_format=layout))
     logits, auxiliary = main_and_auxiliary(outputs)
     return loss_of(logits, labels) + sum(aux_weight * loss_of(extra, labels) for extra in auxiliary), logits
 
@@ -501,7 +508,8 @@ def private_train_step(model, images: torch.Tensor, labels: torch.Tensor, comput
     losses, logits = [], []
 
     def backward_chunk(start: int, stop: int) -> None:
-        loss, chunk_logits = forward_loss(model, images[start:stop], labels[start:stop], compute, loss_of, aux_weight)
+        loss, chunk_logits = forward_loss(model, images[start:stop], labels[start:stop], compute, loss_of, aux_weight,
+                                          PRIVATE_MEMORY_FORMAT)
         (loss * (stop - start)).backward()  # summed over the chunk: each image's gradient is its own
         losses.append(loss.detach() * (stop - start))
         logits.append(chunk_logits.detach())
