@@ -36,8 +36,8 @@ from stages.models import (Classifier, ConvNet, as_unit_floats, build_model, hea
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
 from stages.pretrained import load_initial_weights
-from stages.privacy import MEMORY_FORMAT as PRIVATE_MEMORY_FORMAT
-from stages.privacy import PUBLIC_MEAN, PUBLIC_STD, Budget, PrivateSteps, check_per_image_gradients, poisson_batches
+from stages.privacy import (MEMORY_FORMAT as PRIVATE_MEMORY_FORMAT, PUBLIC_MEAN, PUBLIC_STD, Budget, PrivateSteps,
+                            check_per_image_gradients, poisson_batches)
 
 log = logging.getLogger("train")
 
