@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.architectures import family_of
+from stages.architectures import family_of, takes_one_side
 from stages.hardware import resolve_compute
 from stages.models import as_unit_floats, smallest_image_side
 from stages.params import load_params
@@ -43,8 +43,8 @@ def main() -> None:
         torch.set_num_threads(settings.threads)
     compute = resolve_compute(settings.device, settings.precision)
     image_size = params.data.image_size
-    if settings.model == "lenet" and args.sides != [image_size]:
-        raise SystemExit(f"error: --sides: lenet takes images of data.image_size only ({image_size})")
+    if takes_one_side(settings.model) and args.sides != [image_size]:
+        raise SystemExit(f"error: --sides: {settings.model} takes images of data.image_size only ({image_size})")
     if too_small := [side for side in args.sides if side < smallest_image_side(settings.model)]:
         raise SystemExit(f"error: --sides: {settings.model} needs images of side ≥ {smallest_image_side(settings.model)}, "
                          f"not {', '.join(map(str, too_small))}")

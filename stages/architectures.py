@@ -1,6 +1,6 @@
 """What the code knows about each architecture `train.model` names, in one table.
 
-The project's own `lenet` and `convnet`, and every classifier of torchvision's registry
+The project's own `lenet`, `convnet` and `scatternet`, and every classifier of torchvision's registry
 (`torchvision.models.list_models(module=torchvision.models)`): torchvision's names are never listed
 here. Its models are told apart by family, the module torchvision builds them in (`resnet` holds
 ResNet, ResNeXt and Wide ResNet), and each family says how it meets small images, which of its layers
@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-PROJECT_MODELS = ("lenet", "convnet")
+PROJECT_MODELS = ("lenet", "convnet", "scatternet")
 # Below this side, the stems that downsample most (a strided 7x7 conv and a max-pool) stop downsampling.
 SMALL_IMAGE_SIDE = 64
 
@@ -42,6 +42,7 @@ class Family:
     int8: str | None = None  # why static int8 quantisation does not apply, or None when it does
     pooled_grid: int = 0  # the classifier reads the last feature maps average-pooled to this fixed grid
     private: str | None = None  # why a private run (DP-SGD, stages/privacy.py) cannot train it, or None when it can
+    one_side: bool = False  # its layers are sized for data.image_size: it takes no other (no progressive resizing)
 
 
 def cut_resnet_stem(network: nn.Module) -> None:
@@ -110,6 +111,8 @@ IN_PLACE = ("its forward changes the output of a layer Opacus hooks in place (th
             "which autograd refuses")
 BUFFERS = "its attention layers keep buffers beside trainable parameters, which Opacus does not support"
 
+NOT_TRACEABLE = ("int8's TorchScript file cannot hold kymatio's scattering (torch.jit.trace fails on its deprecated "
+                 "attributes: NameError in kymatio 0.3)")
 CHANNELS_LAST_MEAN = ("its quantised global mean cannot take the channels_last tensors its int8 convolutions give "
                       "(torch.ao FX, measured: 'required rank 4 tensor to use channels_last format')")
 
@@ -144,8 +147,9 @@ FAMILIES = {
     "vision_transformer": Family("Vision Transformer", batchnorm=False, attention=True),
 }
 PROJECT_FAMILIES = {
-    "lenet": Family("LeNet (the PyTorch tutorial's)", batchnorm=False),
+    "lenet": Family("LeNet (the PyTorch tutorial's)", batchnorm=False, one_side=True),
     "convnet": Family("conv net (airbench)"),
+    "scatternet": Family("ScatterNet (Tramèr & Boneh)", batchnorm=False, one_side=True, int8=NOT_TRACEABLE),
 }
 INCEPTION_NATIVE_SIDE = 299
 
@@ -166,7 +170,7 @@ def is_torchvision(name: str) -> bool:
 def unknown_model_message(name: str) -> str:
     close = difflib.get_close_matches(name, known_models(), n=3, cutoff=0.6)
     suggestion = f"; did you mean {' or '.join(close)}?" if close else ""
-    return (f"must be lenet, convnet or a classifier of torchvision's registry (torchvision.models.list_models(), "
+    return (f"must be lenet, convnet, scatternet or a classifier of torchvision's registry (torchvision.models.list_models(), "
             f"{len(torchvision_models())} names: resnet50, vgg16_bn, inception_v3, vit_b_16, ...){suggestion}")
 
 
@@ -187,6 +191,10 @@ def private_families() -> str:
 
 def uses_batchnorm(name: str) -> bool:
     return name in known_models() and family_of(name).batchnorm
+
+
+def takes_one_side(name: str) -> bool:
+    return name in known_models() and family_of(name).one_side
 
 
 # --- building ---------------------------------------------------------------------------------

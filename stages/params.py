@@ -84,7 +84,7 @@ class KnownModel(Section):
 class Recipe(KnownModel):
     """A training recipe: what a preset under `presets:` names, and what `train:` may override."""
 
-    model: str  # lenet, convnet, or any classifier of torchvision's registry (stages/architectures.py)
+    model: str  # lenet, convnet, scatternet, or any classifier of torchvision's registry (stages/architectures.py)
     widths: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] | None  # convnet's blocks; null for lenet
     optimizer: Literal[OPTIMIZERS]
     lr: float = Field(gt=0)
@@ -315,9 +315,9 @@ def recipe_problems(recipe: SimpleNamespace, name: str, preset: Recipe, explicit
         # Its filter renormalisation and learning rates are airbench's, made for convnet.
         problems.append(f"train.optimizer muon trains the convnet model only, not {recipe.model} "
                         "(use sgd, adam or rmsprop)")
-    if recipe.model == "lenet" and recipe.resize_from is not None and "resize_from" not in covered:
-        # Its fully connected layers are sized for data.image_size; a smaller image would not fit them.
-        problems.append("train.model lenet takes images of data.image_size only, so no progressive resizing: "
+    if architectures.takes_one_side(recipe.model) and recipe.resize_from is not None and "resize_from" not in covered:
+        # Its layers are sized for data.image_size; a smaller image would not fit them.
+        problems.append(f"train.model {recipe.model} takes images of data.image_size only, so no progressive resizing: "
                         "switch it off (`-S train.resize_from=none -S train.resize_epochs=none`)")
     return problems + requirement_problems(recipe)
 
@@ -334,9 +334,9 @@ def carried_to_another_model(recipe: SimpleNamespace, name: str, preset: Recipe,
     if "optimizer" not in explicit and preset.optimizer == "muon" and recipe.model != "convnet":
         inherited.append("optimizer")
         reasons.append("its optimizer muon trains convnet only")
-    if "resize_from" not in explicit and preset.resize_from is not None and recipe.model == "lenet":
+    if "resize_from" not in explicit and preset.resize_from is not None and architectures.takes_one_side(recipe.model):
         inherited.append("resize_from")
-        reasons.append(f"its progressive resizing (resize_from {preset.resize_from}) does not fit lenet, whose "
+        reasons.append(f"its progressive resizing (resize_from {preset.resize_from}) does not fit {recipe.model}, whose "
                        "layers are sized for data.image_size")
     if not reasons:
         return [], set()
@@ -445,7 +445,7 @@ def unfitting_keys_off(raw: dict, settings: dict, explicit: set[str]) -> dict:
         for key in ARCHITECTURE_KEYS:
             if key not in explicit and is_set(getattr(preset, key)):
                 off[key] = OFF if key in NULLABLE else False
-    if recipe.model == "lenet" and recipe.resize_from is not None:
+    if architectures.takes_one_side(recipe.model) and recipe.resize_from is not None:
         off |= {"resize_from": OFF, "resize_epochs": OFF}
     return off
 

@@ -29,9 +29,9 @@ from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import Split, load_meta, load_split
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.image_sets import ImageSet, StreamedImageSet, load_image_sets
+from stages.image_sets import ImageSet, StreamedImageSet, in_words, load_image_sets, resolve_budget
 from stages.architectures import family_of, main_and_auxiliary
-from stages.models import (Classifier, ConvNet, as_unit_floats, build_model, head_parameters,
+from stages.models import (Classifier, ConvNet, ScatterNet, as_unit_floats, build_model, head_parameters,
                            save_checkpoint, smallest_image_side)
 from stages.outputs import atomic_folder
 from stages.params import RANDOM, Params, TrainParams, load_params
@@ -387,7 +387,9 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     flips = Flips(settings.flip, train_set.count, generator)
     backbone = Backbone(model)
     private = private_steps(model, optimizers, settings, train_set.count, steps_per_epoch, generator)
-    train_seconds = 0.0
+    started = time.perf_counter()
+    train_set, test_set = features_once(model, train_set, test_set, settings, compute)
+    train_seconds = time.perf_counter() - started
     for epoch in range(1, settings.epochs + 1):
         backbone.freeze(epoch <= settings.freeze_epochs and "freeze_epochs" not in settings.unused)
         if isinstance(model.network, ConvNet) and epoch > (settings.whiten_bias_epochs or math.inf):
@@ -435,6 +437,57 @@ def private_steps(model: Classifier, optimizers: list[torch.optim.Optimizer], se
     return private
 
 
+@dataclass
+class FeatureSet:
+    """A set's images through the network's fixed front (`features_once`): its classifier's inputs, in memory."""
+
+    features: torch.Tensor  # (N, C, h, w) float16
+    labels: torch.Tensor  # (N,) int64
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    @property
+    def side(self) -> int:
+        return self.features.shape[-1]
+
+    def batches(self, index_batches):
+        for indices in index_batches:
+            yield self.features[indices].float(), self.labels[indices]
+
+
+def features_once(model: Classifier, train_set, test_set, settings: TrainParams, compute: Compute) -> tuple:
+    """ScatterNet's scattering learns nothing and draws nothing at random: when the recipe augments nothing,
+    each image's features are the same in every epoch, so they are computed once (as Tramèr & Boneh do) and
+    the classifier trains on them; else 60 epochs of scattering would take far longer than the training.
+    The sets unchanged for any other network or recipe, or when the features do not fit the memory budget."""
+    if not isinstance(model.network, ScatterNet) or settings.flip != "none" or settings.translate > 0:
+        return train_set, test_set
+    front = model.network.features
+    needed = (train_set.count + test_set.count) * front.CHANNELS * front.side**2 * 2  # float16
+    images = sum(image_set.images.nbytes for image_set in (train_set, test_set) if isinstance(image_set, ImageSet))
+    budget = resolve_budget(settings.memory_budget)
+    if needed + images > budget:
+        log.info("scattering each batch anew: the features of every image (%s) do not fit train.memory_budget %s "
+                 "beside the images", in_words(needed), in_words(budget))
+        return train_set, test_set
+    started = time.perf_counter()
+    sets = [FeatureSet(*features_of(model, image_set, compute, settings.batch_size)) for image_set in (train_set, test_set)]
+    log.info("scattering features of the %d training and %d test images computed once (%s, %.1f s)",
+             train_set.count, test_set.count, in_words(needed), time.perf_counter() - started)
+    return tuple(sets)
+
+
+@torch.inference_mode()
+def features_of(model: Classifier, image_set, compute: Compute, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = [], []
+    for images, batch_labels in image_set.batches(batches(image_set.count, batch_size, generator=None)):
+        features.append(model.network.features(model.normalize(as_unit_floats(images))).half())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels)
+
+
 def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
     """An exponential moving average of the weights after every step, BatchNorm's statistics too
     (decay 0: none, the last step's weights are kept). The last steps of a short run still jitter
@@ -469,15 +522,18 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedIma
     order = (batches(train_set.count, settings.batch_size, generator) if private is None else
              poisson_batches(train_set.count, private.budget.sample_rate, math.ceil(train_set.count / min(
                  settings.batch_size, train_set.count)), generator))
+    # On features computed once (features_once), the classifier alone trains: they need no augmenting either.
+    trained = model.network.classifier if isinstance(train_set, FeatureSet) else model
     for indices, (images, labels) in tqdm(zip(order, train_set.batches(order)), total=len(order),
                                           desc=f"epoch {epoch}", leave=False, disable=None):
-        images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate, generator)
-        if side < images.shape[-1]:
+        if trained is model:
+            images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate, generator)
+        if trained is model and side < images.shape[-1]:
             images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         if private is None:
-            loss, logits = train_step(model, images, labels, compute, optimizers, schedules, loss_of, aux_weight)
+            loss, logits = train_step(trained, images, labels, compute, optimizers, schedules, loss_of, aux_weight)
         else:
-            loss, logits = private_train_step(model, images, labels, compute, private, schedules, loss_of, aux_weight)
+            loss, logits = private_train_step(trained, images, labels, compute, private, schedules, loss_of, aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
@@ -595,7 +651,10 @@ def measure(model: Classifier, image_set: ImageSet | StreamedImageSet, compute: 
     total_loss, total_correct = 0.0, 0
     for images, labels in image_set.batches(batches(image_set.count, batch_size, generator=None)):
         with compute.autocast():
-            logits = model(as_unit_floats(images))
+            if isinstance(image_set, FeatureSet):
+                logits = model.network.classifier(images)
+            else:
+                logits = model(as_unit_floats(images))
         total_loss += loss_of(logits, labels).item() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum().item()
     return total_loss / image_set.count, total_correct / image_set.count

@@ -16,7 +16,7 @@ REFUSED = [
     pytest.param("train.lr", 0, ["greater than 0"], id="lr-zero"),
     pytest.param("train.lr", -0.1, ["greater than 0", "-0.1"], id="lr-negative"),
     pytest.param("train.epochs", 0, ["greater than or equal to 1"], id="epochs-zero"),
-    pytest.param("train.model", "vgg16_bm", ["must be lenet, convnet or a classifier of torchvision's registry",
+    pytest.param("train.model", "vgg16_bm", ["must be lenet, convnet, scatternet or a classifier of torchvision's registry",
                                              "did you mean vgg16_bn", "(got 'vgg16_bm')"], id="model"),
     pytest.param("train.optimizer", "adamw", ["'sgd', 'adam', 'rmsprop' or 'muon'", "'adamw'"], id="optimizer"),
     pytest.param("train.loss", "hinge", ["'cross_entropy' or 'mse'", "'hinge'"], id="loss"),
@@ -63,7 +63,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
     message = str(refused.value)
     assert "train.lr: must be greater than 0" in message
-    assert "train.model: must be lenet, convnet or a classifier of torchvision's registry" in message
+    assert "train.model: must be lenet, convnet, scatternet or a classifier of torchvision's registry" in message
     assert "data.image_size: must be greater than or equal to 8" in message
 
 

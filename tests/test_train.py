@@ -20,10 +20,10 @@ from datamaker import make_image_folder, write_params
 from stages.datasets import PreparedWriter, load_split
 from stages.errors import StageError
 from stages.hardware import cpu_has_native_bf16, resolve_compute
-from stages.models import ConvNet, LeNet, build_model, load_checkpoint
+from stages.models import ConvNet, LeNet, ScatterNet, as_unit_floats, build_model, load_checkpoint
 from stages.params import load_params
 from stages.image_sets import ImageSet, in_memory
-from stages.train import Flips, create_model, image_side, measure, weight_average
+from stages.train import FeatureSet, Flips, create_model, features_once, image_side, measure, weight_average
 
 CURVES = ("train/loss", "train/accuracy", "lr", "test/loss", "test/accuracy")
 NATIVE_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -186,13 +186,41 @@ def test_sgd_trains_convnet(runs):
     assert curve(project, "train/loss")["loss"].map(math.isfinite).all()
 
 
-@pytest.mark.parametrize(("model", "smallest"), [("lenet", LeNet.MIN_IMAGE_SIZE), ("convnet", ConvNet.MIN_IMAGE_SIZE)])
+@pytest.mark.parametrize(("model", "smallest"), [("lenet", LeNet.MIN_IMAGE_SIZE), ("convnet", ConvNet.MIN_IMAGE_SIZE),
+                                                  ("scatternet", ScatterNet.MIN_IMAGE_SIZE)])
 def test_each_model_runs_at_its_smallest_image_size_and_refuses_one_pixel_less(model, smallest):
     network = build_model(model, 3, smallest, [8, 16, 16], [0.5] * 3, [0.25] * 3)
 
     assert network(torch.rand(2, 3, smallest, smallest)).shape == (2, 3)
     with pytest.raises(StageError, match=rf"train.model {model} needs data.image_size ≥ {smallest}"):
         build_model(model, 3, smallest - 1, [8, 16, 16], [0.5] * 3, [0.25] * 3)
+
+
+@pytest.mark.parametrize("side", [8, 30, 33])
+def test_scatternet_takes_any_side_from_its_smallest(side):
+    network = build_model("scatternet", 3, side, None, [0.5] * 3, [0.25] * 3)
+
+    assert network(torch.rand(2, 3, side, side)).shape == (2, 3)
+
+
+def test_scatternet_trains_on_its_own_features_computed_once(tmp_path):
+    model = build_model("scatternet", 3, 16, None, [0.5] * 3, [0.25] * 3).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    sets = ImageSet(images, labels), ImageSet(images[:2], labels[:2])
+    settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.preset": "private", "train.widths": None})).train
+    compute = resolve_compute("cpu", "fp32")
+
+    train_features, test_features = features_once(model, *sets, settings, compute)
+
+    assert isinstance(train_features, FeatureSet) and (train_features.count, test_features.count) == (6, 2)
+    # What the classifier trains on is what the whole model computes, but for the features' float16 rounding.
+    (features, _), = train_features.batches([torch.arange(6)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.network.classifier(features), model(as_unit_floats(images)), rtol=0, atol=1e-2)
+    # A recipe that augments draws new images each epoch, and features that do not fit the budget are not kept.
+    for changed in ({"flip": "random"}, {"translate": 2}, {"memory_budget": 1000}):
+        assert features_once(model, *sets, settings.model_copy(update=changed), compute) == sets
 
 
 def test_normalisation_is_measured_on_the_whole_training_set_not_its_first_images(tmp_path):
