@@ -176,9 +176,12 @@ def test_invalid_yaml_is_refused_with_the_file_named(tmp_path):
         ({"train.target_epsilon": 8.0}, r"train.target_epsilon is 8.0 \(a private run\), which needs train.delta, "
                                         "train.max_grad_norm, train.accountant too"),
         ({"train.preset": "private", "train.accountant": "moments"}, "'rdp' or 'prv'"),
+        ({"train.preset": "private", "train.target_epsilon": 100}, "train.target_epsilon 100.0 with train.accountant "
+                                                                    "prv: Opacus' PRV accountant searches for hours"),
     ],
     ids=["muon-on-lenet", "muon-without-its-momentum", "resize-half-set", "resize-of-lenet", "convnet-without-batchnorm-momentum",
-         "imagenet-weights-for-convnet", "private-muon", "private-without-delta", "private-unknown-accountant"],
+         "imagenet-weights-for-convnet", "private-muon", "private-without-delta", "private-unknown-accountant",
+         "private-huge-epsilon-by-prv"],
 )
 def test_recipe_keys_that_need_each_other_are_refused_naming_both(tmp_path, overrides, message):
     path = write_params(tmp_path, overrides)
