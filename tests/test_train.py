@@ -209,9 +209,8 @@ def test_scatternet_trains_on_its_own_features_computed_once(tmp_path):
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     sets = ImageSet(images, labels), ImageSet(images[:2], labels[:2])
     settings = load_params(write_params(tmp_path, {**TINY_PARAMS, "train.preset": "private", "train.widths": None})).train
-    compute = resolve_compute("cpu", "fp32")
 
-    train_features, test_features = features_once(model, *sets, settings, compute)
+    train_features, test_features = features_once(model, *sets, settings)
 
     assert isinstance(train_features, FeatureSet) and (train_features.count, test_features.count) == (6, 2)
     # What the classifier trains on is what the whole model computes, but for the features' float16 rounding.
@@ -220,7 +219,7 @@ def test_scatternet_trains_on_its_own_features_computed_once(tmp_path):
         torch.testing.assert_close(model.network.classifier(features), model(as_unit_floats(images)), rtol=0, atol=1e-2)
     # A recipe that augments draws new images each epoch, and features that do not fit the budget are not kept.
     for changed in ({"flip": "random"}, {"translate": 2}, {"memory_budget": 1000}):
-        assert features_once(model, *sets, settings.model_copy(update=changed), compute) == sets
+        assert features_once(model, *sets, settings.model_copy(update=changed)) == sets
 
 
 def test_normalisation_is_measured_on_the_whole_training_set_not_its_first_images(tmp_path):
