@@ -437,24 +437,13 @@ def private_steps(model: Classifier, optimizers: list[torch.optim.Optimizer], se
     return private
 
 
-@dataclass
-class FeatureSet:
-    """A set's images through the network's fixed front (`features_once`): its classifier's inputs, in memory."""
-
-    features: torch.Tensor  # (N, C, h, w) float16
-    labels: torch.Tensor  # (N,) int64
-
-    @property
-    def count(self) -> int:
-        return len(self.labels)
-
-    @property
-    def side(self) -> int:
-        return self.features.shape[-1]
+class FeatureSet(ImageSet):
+    """A set's images through the network's fixed front (`features_once`), float16 in memory: its classifier's
+    inputs, given as float32."""
 
     def batches(self, index_batches):
-        for indices in index_batches:
-            yield self.features[indices].float(), self.labels[indices]
+        for features, labels in super().batches(index_batches):
+            yield features.float(), labels
 
 
 def features_once(model: Classifier, train_set, test_set, settings: TrainParams) -> tuple:
