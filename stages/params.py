@@ -130,6 +130,11 @@ class Machine(Section):
     # sets that do not fit are streamed from their memory maps (stages/image_sets.py).
     memory_budget: Literal["auto"] | ByteSize
     loader_workers: Literal["auto"] | Annotated[int, Field(ge=0)]
+    # Several processes (stages/distributed.py): torch's elastic launcher starts them, DDP keeps them in step.
+    processes: int = Field(ge=1)  # on this machine
+    nodes: int = Field(ge=1)  # machines, each running the stage with the same rendezvous
+    rendezvous: str | None = Field(default=None, pattern=r"^[^\s:/]+:\d{1,5}$")  # host:port of the store the nodes meet at
+    rendezvous_timeout: int = Field(ge=1)  # seconds the nodes wait for one another
 
 
 def _optional(field: FieldInfo) -> tuple:
@@ -362,9 +367,23 @@ def requirement_problems(recipe: SimpleNamespace) -> list[str]:
                         "(e.g. 0.6 and 3)")
     if recipe.target_epsilon is not None:
         problems += private_problems(recipe)
+    problems += distributed_problems(recipe)
     if recipe.weights == IMAGENET and not architectures.is_torchvision(recipe.model):
         problems.append(f"train.weights is {IMAGENET!r}, but torchvision publishes ImageNet weights for its own "
                         f"models, not {recipe.model}; give a weights file's path, or {RANDOM!r}")
+    return problems
+
+
+def distributed_problems(recipe: SimpleNamespace) -> list[str]:
+    """What several processes (train.processes, train.nodes) need, and what they do not combine with."""
+    problems = []
+    if recipe.nodes > 1 and recipe.rendezvous is None:
+        problems.append(f"train.nodes is {recipe.nodes}, so train.rendezvous must say where they meet: host:port of "
+                        "a machine every node reaches, the same on each (e.g. `-S train.rendezvous=10.0.0.1:29400`)")
+    if recipe.processes * recipe.nodes > 1 and recipe.target_epsilon is not None:
+        problems.append(f"train.processes {recipe.processes} x train.nodes {recipe.nodes} with a private run "
+                        f"(train.target_epsilon {recipe.target_epsilon}): its accounting assumes one process drawing "
+                        "every Poisson batch; set train.processes and train.nodes to 1")
     return problems
 
 

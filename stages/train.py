@@ -14,6 +14,8 @@ import argparse
 import json
 import logging
 import math
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dvclive import Live
 from tqdm import tqdm
 
+from stages import distributed
 from stages.augmentations import flip_chosen, random_crop, random_flip
 from stages.datasets import Split, load_meta, load_split
+from stages.distributed import Ranks, Replicas
 from stages.errors import StageError, run_stage
 from stages.hardware import Compute, resolve_compute
-from stages.image_sets import ImageSet, StreamedImageSet, in_words, load_image_sets, resolve_budget
+from stages.image_sets import ImageSet, StreamedImageSet, in_words, load_image_sets, resolve_budget, resolve_workers
 from stages.architectures import family_of, main_and_auxiliary
 from stages.models import (Classifier, ConvNet, ScatterNet, as_unit_floats, build_model, head_parameters,
                            save_checkpoint, smallest_image_side)
@@ -51,13 +55,29 @@ def main() -> None:
     args = parse_args()
     params = load_params()
     settings = params.train
+    if distributed.wanted(settings) and not distributed.launched():
+        distributed.launch(settings, sys.argv[1:])  # which runs this module again, as each rank
+        return
+    compute = resolve_compute(settings.device, settings.precision)
+    ranks, compute = distributed.join(compute)
+    with distributed.failures_reported(ranks):
+        train(args, params, compute, ranks)
+
+
+def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ranks) -> None:
+    settings = params.train
+    if ranks.several and settings.target_epsilon is not None:  # launched by hand: params.yaml said one process
+        raise StageError(f"{ranks.world} processes (torchrun) with a private run (train.target_epsilon "
+                         f"{settings.target_epsilon}): its accounting assumes one process drawing every Poisson "
+                         "batch; run it as one process")
     torch.manual_seed(params.seed)  # model initialisation; batch order and augmentation use `generator`
     generator = torch.Generator().manual_seed(params.seed)
-    compute = resolve_compute(settings.device, settings.precision)
     # cuDNN picks among kernels by timing them unless told not to: same seed, same weights.
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    if settings.threads:
+    if ranks.several:
+        torch.set_num_threads(distributed.threads_per_rank(settings.threads, ranks.local_world))
+    elif settings.threads:
         torch.set_num_threads(settings.threads)
 
     classes = load_meta(args.prepared)["classes"]
@@ -65,13 +85,16 @@ def main() -> None:
     parts = training_parts(Path(args.prepared), Path(args.augmented))
     if settings.target_epsilon is not None:
         check_private_data(parts, settings)
-    train_set, test_set = load_image_sets(parts,
-                                          split_file(Path(args.prepared), "test"), settings.batch_size,
-                                          settings.memory_budget, settings.loader_workers, compute.device)
+    train_set, test_set = load_image_sets(parts, split_file(Path(args.prepared), "test"), settings.batch_size,
+                                          *machine_share(settings, ranks), compute.device)
     load_seconds = time.perf_counter() - started
     model = create_model(settings, classes, train_set)
     initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
     model = model.to(compute.device, memory_format=memory_format(settings))
+    if ranks.several:
+        check_batches_for_ranks(train_set.count, settings.batch_size, ranks)
+        if compute.device.type == "cuda":  # on CPU (gloo) torch has no SyncBatchNorm: each rank's own statistics
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if settings.target_epsilon is not None:
         check_per_image_gradients(model, settings.model, train_set.side)
     smallest = smallest_image_side(settings.model)
@@ -81,16 +104,19 @@ def main() -> None:
     if settings.unused:
         log.info("not used by this recipe (set by preset %s): %s", settings.preset,
                  ", ".join(f"{key} {getattr(settings, key)}" for key in settings.unused))
-    log.info("training %s (%.2fM parameters) on %d images, %s, %d threads", settings.model,
-             count_parameters(model) / 1e6, train_set.count, compute.describe(), torch.get_num_threads())
+    log.info("training %s (%.2fM parameters) on %d images, %s, %d threads%s", settings.model,
+             count_parameters(model) / 1e6, train_set.count, compute.describe(), torch.get_num_threads(),
+             f" in each of {ranks.world} processes" if ranks.several else "")
 
     # DVCLive writes into a hidden folder that becomes <live> at the end: a run killed midway
-    # leaves no curves or summary that look like a finished run's.
-    with atomic_folder(args.live) as live_folder, Live(live_folder, dvcyaml=False, save_dvc_exp=False,
-                                                       report=None) as live:
+    # leaves no curves or summary that look like a finished run's. Only rank 0 writes; the others'
+    # DVCLive writes into a temporary folder that goes.
+    with live_folder_of(args.live, ranks) as live_folder, Live(live_folder, dvcyaml=False, save_dvc_exp=False,
+                                                               report=None) as live:
         # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
         live.log_params(settings.model_dump(mode="json"))
-        train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live)
+        train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live,
+                                     ranks)
         images_seen = train_set.count * settings.epochs
         summary = {
             "load_seconds": round(load_seconds, 3),  # the prepared train and test sets into memory
@@ -98,7 +124,8 @@ def main() -> None:
             "images_per_second": round(images_seen / train_seconds, 1),
             "device": compute.device.type,
             "precision": compute.precision,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),  # each process's
+            "processes": ranks.world,
             "train_images": train_set.count,
             # Null for a run without a privacy guarantee: `dvc exp show` keeps the same columns for every run.
             "epsilon": privacy["epsilon"] if privacy else None,
@@ -108,6 +135,9 @@ def main() -> None:
             if value is not None:  # DVCLive takes numbers only
                 live.log_metric(name, value, plot=False)
 
+    distributed.check_in_step(model, ranks)
+    if not ranks.main:
+        return
     description = describe_run(model, classes, train_set.side, params, compute, summary)
     description["initial_weights"] = initial_weights  # the file and its sha256: `dvc repro` does not watch it
     description["privacy"] = privacy  # what the run spent, None if it was not private
@@ -122,6 +152,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("model", help="where to save the trained model")
     parser.add_argument("--live", default="reports/train", help="DVCLive folder for per-epoch metrics")
     return parser.parse_args()
+
+
+# --- several processes (stages/distributed.py) ---------------------------------------------
+
+
+def check_batches_for_ranks(images: int, batch_size: int, ranks: Ranks) -> None:
+    smallest = images // math.ceil(images / min(batch_size, images))  # batches() splits near-equally
+    if smallest < ranks.world:
+        raise StageError(f"train.processes: {ranks.world} processes in all, but the {images} training images in "
+                         f"batches of train.batch_size {batch_size} give batches of {smallest} images, less than "
+                         f"one a process: use at most {smallest} processes, or a larger batch_size")
+
+
+def machine_share(settings: TrainParams, ranks: Ranks) -> tuple[int | str, int | str]:
+    """train.memory_budget and train.loader_workers are the machine's: each of its ranks gets its share."""
+    if not ranks.several:
+        return settings.memory_budget, settings.loader_workers
+    return (resolve_budget(settings.memory_budget) // ranks.local_world,
+            max(0, resolve_workers(settings.loader_workers) // ranks.local_world))
+
+
+def live_folder_of(live: str, ranks: Ranks):
+    return atomic_folder(live) if ranks.main else tempfile.TemporaryDirectory(prefix="train-rank-")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -374,7 +427,7 @@ def loss_function(settings: TrainParams, num_classes: int):
 
 
 def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes: int, params: Params,
-        compute: Compute, generator: torch.Generator, live: Live) -> tuple[float, dict | None]:
+        compute: Compute, generator: torch.Generator, live: Live, ranks: Ranks = Ranks()) -> tuple[float, dict | None]:
     """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds, and for a
     private run what it spent."""
     settings = params.train
@@ -384,7 +437,8 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     schedules = make_schedules(optimizers, settings, steps_per_epoch)
     average = weight_average(model, settings.ema_decay)
     kept = average.module if average is not None else model  # what is scored each epoch, and saved
-    flips = Flips(settings.flip, train_set.count, generator)
+    flips = Flips(settings.flip, train_set.count, generator, distributed.rank_generator(params.seed, ranks, generator))
+    replicas = Replicas(ranks, compute)
     backbone = Backbone(model)
     private = private_steps(model, optimizers, settings, train_set.count, steps_per_epoch, generator)
     started = time.perf_counter()
@@ -398,7 +452,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
         epoch_lr = optimizers[0].param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
         loss, accuracy = train_one_epoch(model, backbone, train_set, settings, compute, generator, optimizers,
-                                         schedules, loss_of, flips, epoch, average, private)
+                                         schedules, loss_of, flips, epoch, average, private, replicas)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
@@ -407,7 +461,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
         if private is not None:
             live.log_metric("epsilon", private.epsilon)  # spent so far
             message += f", ε {private.epsilon:.3f}"
-        if settings.test_each_epoch or epoch == settings.epochs:
+        if ranks.main and (settings.test_each_epoch or epoch == settings.epochs):
             test_loss, test_accuracy = measure(kept, test_set, compute, loss_of, settings.batch_size)
             live.log_metric("test/loss", test_loss)
             live.log_metric("test/accuracy", test_accuracy)
@@ -502,38 +556,47 @@ def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
-def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedImageSet, settings: TrainParams, compute: Compute, generator,
-                    optimizers, schedules, loss_of, flips: Flips, epoch: int,
-                    average: AveragedModel | None, private: PrivateSteps | None = None) -> tuple[float, float]:
+def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedImageSet, settings: TrainParams,
+                    compute: Compute, generator, optimizers, schedules, loss_of, flips: Flips, epoch: int,
+                    average: AveragedModel | None, private: PrivateSteps | None = None,
+                    replicas: Replicas | None = None) -> tuple[float, float]:
+    """One pass over the training set. With several processes every rank draws the same batch order from
+    `generator` and trains on its share of each batch (`distributed.share`), augmented from its own stream."""
     model.train()
     backbone.hold_statistics_if_frozen()
     side = image_side(settings, epoch, train_set.side)
     total_loss = torch.zeros((), device=compute.device)
     total_correct = torch.zeros((), device=compute.device)
-    seen = 0
     aux_weight = family_of(settings.model).aux_weight
     # The batch order is drawn before the first batch is read, as loader workers read ahead. A private run
     # draws each batch by Poisson sampling, as many as an epoch of batch_size would take.
     order = (batches(train_set.count, settings.batch_size, generator) if private is None else
              poisson_batches(train_set.count, private.budget.sample_rate, math.ceil(train_set.count / min(
                  settings.batch_size, train_set.count)), generator))
+    replicas = replicas or Replicas(Ranks(), compute)
+    ranks = replicas.ranks
+    shares = [distributed.share(indices, ranks) for indices in order]
     # On features computed once (features_once), the classifier alone trains: they need no augmenting either.
     trained = model.network.classifier if isinstance(train_set, FeatureSet) else model
-    for indices, (images, labels) in tqdm(zip(order, train_set.batches(order)), total=len(order),
-                                          desc=f"epoch {epoch}", leave=False, disable=None):
+    stepped = replicas(trained)  # DistributedDataParallel's, with several processes
+    for indices, whole, (images, labels) in tqdm(zip(shares, order, train_set.batches(shares)), total=len(order),
+                                                 desc=f"epoch {epoch}", leave=False, disable=None if ranks.main else True):
         if trained is model:
-            images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate, generator)
+            images = random_crop(flips.apply(as_unit_floats(images), indices, epoch), settings.translate,
+                                 flips.generator)
             if side < images.shape[-1]:
                 images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         if private is None:
-            loss, logits = train_step(trained, images, labels, compute, optimizers, schedules, loss_of, aux_weight)
+            loss, logits = train_step(stepped, images, labels, compute, optimizers, schedules, loss_of, aux_weight,
+                                      distributed.loss_weight(len(labels), len(whole), ranks))
         else:
             loss, logits = private_train_step(trained, images, labels, compute, private, schedules, loss_of, aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
-        seen += len(labels)
+    total_loss, total_correct = (distributed.summed(total, ranks) for total in (total_loss, total_correct))
+    seen = sum(len(whole) for whole in order)
     return total_loss.item() / max(1, seen), total_correct.item() / max(1, seen)
 
 
@@ -574,10 +637,11 @@ def private_train_step(model, images: torch.Tensor, labels: torch.Tensor, comput
 
 
 def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compute, optimizers, schedules,
-               loss_of, aux_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch forward, backward and every optimiser's step; the loss and logits."""
+               loss_of, aux_weight: float = 0.0, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch forward, backward (its loss times `weight`: a rank's share, distributed.loss_weight) and
+    every optimiser's step; the loss and logits."""
     loss, logits = forward_loss(model, images, labels, compute, loss_of, aux_weight)
-    loss.backward()
+    (loss * weight if weight != 1.0 else loss).backward()
     for optimizer, schedule in zip(optimizers, schedules):
         if isinstance(optimizer, torch.optim.Muon):
             renormalise_filters(optimizer)
@@ -625,10 +689,12 @@ class Flips:
     in the first epoch, then every image the other way round from its previous epoch, so that
     each sees both sides equally often (airbench's alternating flip, Jordan 2024)."""
 
-    def __init__(self, kind: str, count: int, generator: torch.Generator):
+    def __init__(self, kind: str, count: int, shared: torch.Generator, generator: torch.Generator | None = None):
+        # `shared` draws what every rank must agree on (which images start flipped), `generator` each rank's
+        # own random flips and crops (the same generator with one process).
         self.kind = kind
-        self.generator = generator
-        self.first_epoch = torch.rand(count, generator=generator) < 0.5 if kind == "alternate" else None
+        self.generator = generator or shared
+        self.first_epoch = torch.rand(count, generator=shared) < 0.5 if kind == "alternate" else None
 
     def apply(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         if self.kind == "random":
