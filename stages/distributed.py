@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -83,13 +84,13 @@ def launch(settings, arguments: list[str]) -> None:
 
     threads = threads_per_rank(settings.threads, settings.processes)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # else the launcher sets 1 and says so
-    if settings.nodes == 1:
-        # Port 0: the store takes a free port, so two jobs on one machine never meet; loopback only.
-        endpoint, local = "127.0.0.1:0", ["--local-addr=127.0.0.1"]
+    # Port 0: the store takes a free port, so two jobs on one machine never meet.
+    endpoint = "127.0.0.1:0" if settings.nodes == 1 else settings.rendezvous
+    local = []
+    if on_loopback(endpoint):  # every node on this machine: the ranks talk over the loopback, never the network
+        local = [f"--local-addr={endpoint.rpartition(':')[0]}"]
         if loopback := loopback_interface():
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    else:
-        endpoint, local = settings.rendezvous, []
     timeout = settings.rendezvous_timeout
     command = [f"--nnodes={settings.nodes}", f"--nproc-per-node={settings.processes}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={RENDEZVOUS_ID}",
@@ -129,6 +130,13 @@ def failure(error, settings) -> str:
 def threads_per_rank(threads: int, processes: int) -> int:
     """`train.threads` (0: every core this process may use) shared among this machine's ranks."""
     return max(1, (threads or usable_cores()) // processes)
+
+
+def on_loopback(endpoint: str) -> bool:
+    host = endpoint.rpartition(":")[0]
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
 
 
 def loopback_interface() -> str | None:
