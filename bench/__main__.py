@@ -3,6 +3,7 @@
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz                  # every non-private preset
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets fast,default
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets private  # rows private-eps1, -eps3, -eps8
+    python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets fast --seeds 0,1,2 --processes 1,2
 
 Writes <out>/results.csv (a row as soon as a run finishes), results.md and accuracy_vs_time.png.
 A rerun skips the rows already there (same CPU), so an interrupted run carries on; --fresh
@@ -10,17 +11,25 @@ starts over. The tutorial always runs first: T, its training time, comes from th
 with rows left to run times the tutorial again and refuses to go on when this T differs from the
 file's by more than --t-tolerance: two machines of one CPU name can differ by half.
 A private preset (train.target_epsilon set) runs once per --epsilons, the same recipe at each budget.
+
+Each preset runs once per seed of --seeds and count of --processes (train.processes). Rows are named
+<preset>[-eps<ε>][-<N>proc][-seed<N>][-repeat]: -<N>proc for N > 1 processes, -seed<N> only when
+several seeds are asked for, so that a run at the defaults keeps its name. results.md adds the mean
+± deviation of each run over its seeds. A private preset trains in one process only: its runs with
+N > 1 are skipped (logged), and a benchmark left with nothing to run is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +39,7 @@ from stages.outputs import write_json
 from bench.pipeline import (apply_overrides, extract_archive, measure_pipeline, params_for_preset, parse_overrides, prepare_data,
                             is_private, preset_names, read_params, run_preset)
 from bench.processes import ChildFailed, run_module
-from bench.results import (EPSILON_SUFFIX, REPEAT_SUFFIX, TUTORIAL, append_row, load_rows, machine,
-                           plot_accuracy_vs_time, write_markdown)
+from bench.results import TUTORIAL, append_row, load_rows, machine, plot_accuracy_vs_time, row_name, write_markdown
 
 log = logging.getLogger("bench")
 
@@ -39,6 +47,15 @@ PLOT = "accuracy_vs_time.png"
 RESULT_FILES = ("results.csv", "results.md", PLOT, "pipeline.json")
 # The plot is redrawn from results.csv on every row, so git keeps the figures, not the picture.
 COMMITTED_FILES = tuple(file for file in RESULT_FILES if file != PLOT)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """What each preset is run over, a row per combination."""
+
+    epsilons: list[float]  # a private preset's target ε: its frontier (the others have no ε)
+    seeds: list[int] | None  # None: the params' seed
+    processes: list[int] | None  # train.processes; None: the params'
 
 
 def main() -> int:
@@ -51,7 +68,8 @@ def main() -> int:
     params = read_params(Path(args.params))
     overrides = parse_overrides(args.set)
     presets = args.presets.split(",") if args.presets else preset_names(params)
-    runs = planned_runs(params, overrides, presets, args.repeat, args.epsilons)  # fails early
+    axes = Axes(args.epsilons, args.seeds, args.processes)
+    runs = planned_runs(params, overrides, presets, args.repeat, axes)  # fails early
     if args.fresh:
         start_over(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,10 +128,18 @@ def parse_args() -> argparse.Namespace:
                         help="override a params key in every preset's params.yaml (smoke runs: train.epochs=1)")
     parser.add_argument("--tutorial-epochs", type=int, default=2, help="the tutorial trains 2; fewer for smoke runs")
     parser.add_argument("--repeat", type=lambda text: text.split(","), default=[], metavar="PRESETS",
-                        help="run these presets a second time (rows <preset>-repeat): same seed, same figures?")
+                        help="run these presets a second time (rows <name>-repeat, at each seed and process "
+                             "count): same seed, same figures?")
     parser.add_argument("--epsilons", type=lambda text: [float(value) for value in text.split(",")],
                         default=[1.0, 3.0, 8.0], metavar="EPSILONS",
                         help="the target ε a private preset runs at, one row each (default 1,3,8)")
+    parser.add_argument("--seeds", type=whole_numbers(0), metavar="SEEDS",
+                        help="run each preset once per seed, rows <name>-seed<N> when more than one (default: "
+                             "the params' seed alone)")
+    parser.add_argument("--processes", type=whole_numbers(1), metavar="COUNTS",
+                        help="run each preset once per count of training processes (train.processes), rows "
+                             "<name>-<N>proc for N > 1 (default: the params' train.processes, 1); private presets "
+                             "run in one process only, their other runs are skipped")
     parser.add_argument("--t-tolerance", type=float, default=0.05,
                         help="how far a rerun's T may be from the file's before the rows are refused to mix "
                              "(a fraction; default 0.05)")
@@ -124,20 +150,53 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def planned_runs(params: dict, overrides: dict, presets: list[str], repeats: list[str],
-                 epsilons: list[float]) -> dict[str, dict]:
-    """Each row to run and its params: a preset, a private preset once per target ε (its frontier), and the
-    repeats."""
-    runs = {}
-    for preset, suffix in [*((preset, "") for preset in presets), *((preset, REPEAT_SUFFIX) for preset in repeats)]:
-        settings = params_for_preset(params, preset, overrides)
-        if not is_private(settings):
-            runs[f"{preset}{suffix}"] = settings
-            continue
-        for epsilon in epsilons:
-            runs[f"{preset}{EPSILON_SUFFIX}{epsilon:g}{suffix}"] = apply_overrides(settings,
-                                                                                 {"train.target_epsilon": epsilon})
+def whole_numbers(smallest: int):
+    """An argparse type: `0,1,2` → [0, 1, 2], each at least `smallest`."""
+    def parse(text: str) -> list[int]:
+        try:
+            numbers = [int(value) for value in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, "
+                                             "e.g. 0,1,2") from None
+        if min(numbers) < smallest:
+            raise argparse.ArgumentTypeError(f"{text!r}: each must be at least {smallest}")
+        return numbers
+    return parse
+
+
+def planned_runs(params: dict, overrides: dict, presets: list[str], repeats: list[str], axes: Axes) -> dict[str, dict]:
+    """Each row to run and its params: every preset, and each repeated one again, once per combination of target
+    ε (a private preset's), process count and seed. A private preset's runs in several processes are skipped."""
+    runs, skipped = {}, []
+    for preset, repeat in [*((preset, False) for preset in presets), *((preset, True) for preset in repeats)]:
+        recipe = params_for_preset(params, preset, overrides)
+        private = is_private(recipe)
+        seeds = axes.seeds or [recipe["seed"]]
+        for epsilon, processes, seed in itertools.product(axes.epsilons if private else [None],
+                                                          axes.processes or [recipe["train"]["processes"]], seeds):
+            # One seed keeps the names seedless: results.csv files written before --seeds resume as they are.
+            name = row_name(preset, epsilon=epsilon, processes=processes, seed=seed if len(seeds) > 1 else None,
+                            repeat=repeat)
+            if private and processes > 1:
+                skipped.append(name)
+                continue
+            runs[name] = apply_overrides(recipe, run_settings(epsilon, processes, seed))
+    if skipped:
+        # Train refuses them: DP-SGD's accounting assumes one process drawing every Poisson batch.
+        log.info("skipped, private presets train in one process only: %s", ", ".join(skipped))
+    if not runs:
+        raise SystemExit(f"error: nothing to run: {', '.join(skipped)} would train a private preset in several "
+                         "processes, which train refuses (DP-SGD's accounting assumes one process drawing every "
+                         "Poisson batch): add 1 to --processes")
     return runs
+
+
+def run_settings(epsilon: float | None, processes: int, seed: int) -> dict:
+    """The keys one run sets on top of its preset's params."""
+    settings = {"seed": seed, "train.processes": processes}
+    if epsilon is not None:
+        settings["train.target_epsilon"] = epsilon
+    return settings
 
 
 def check_t_unchanged(rows: pd.DataFrame, images: Path, args: argparse.Namespace, out: Path) -> None:

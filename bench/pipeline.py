@@ -1,7 +1,7 @@
 """A preset trained through the pipeline's own stages, as dvc.yaml runs them, in a scratch project.
 
-The data is downloaded (decoded) and augmented once per data settings into <out>/cache/; each
-preset then gets <out>/runs/<preset>/ with its own params.yaml, where train and evaluate run.
+The data is downloaded (decoded) and augmented once per seed and data settings into <out>/cache/; each
+run then gets <out>/runs/<row name>/ with its own params.yaml, where train and evaluate run.
 The pipeline's own overheads (decoding, a no-op `dvc repro`) are measured once, in a scratch
 DVC project.
 """
@@ -184,13 +184,20 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
     run_stage("evaluate", cwd=no_tta, log_file=log_file, tag=f"{preset} evaluate, no TTA")
 
     summary = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+    evaluated = json.loads((project / "reports" / "metrics.json").read_text())
     return {
         "accuracy": json.loads((no_tta / "reports" / "metrics.json").read_text())["accuracy"],
-        "accuracy_tta": json.loads((project / "reports" / "metrics.json").read_text())["accuracy"],
+        "accuracy_tta": evaluated["accuracy"],
         "epsilon": summary.get("epsilon"),
+        "seed": params["seed"],
+        "processes": summary["processes"],
         "train_seconds": summary["train_seconds"],
         "load_seconds": summary["load_seconds"],
         "images_per_second": summary["images_per_second"],
+        "eval_seconds": evaluated["eval_seconds"],  # the scoring that gave accuracy_tta
+        # Train writes these with several processes only (DVCLive takes no nulls): empty cells otherwise.
+        "allreduce_seconds": summary.get("allreduce_seconds"),
+        "allreduce_share": summary.get("allreduce_share"),
         "peak_memory_mb": trained.peak_memory_mb,
         "device": summary["device"],
         "precision": summary["precision"],

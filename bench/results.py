@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,15 +18,42 @@ from stages.hardware import cpu_model_name
 from stages.outputs import atomic_path
 
 COLUMNS = [
-    "name", "accuracy", "accuracy_tta", "epsilon", "train_seconds", "ratio_to_T", "images_per_second",
-    "load_seconds", "peak_memory_mb",
+    "name", "accuracy", "accuracy_tta", "epsilon", "seed", "processes", "train_seconds", "ratio_to_T",
+    "images_per_second", "eval_seconds", "allreduce_seconds", "allreduce_share", "load_seconds", "peak_memory_mb",
     "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version", "finished_at",
 ]
+# Whole numbers that a missing value (the tutorial's, an older file's) would otherwise turn into floats: 1.0.
+INTEGER_COLUMNS = {"seed": "Int64", "processes": "Int64", "threads": "Int64"}
+# Over the seeds of a preset, results.md gives the mean and deviation of these.
+SEED_SUMMARY_COLUMNS = ("accuracy", "accuracy_tta", "train_seconds", "ratio_to_T")
 TUTORIAL = "tutorial"
 REPEAT_SUFFIX = "-repeat"  # a preset's second run (--repeat), for the determinism check
 EPSILON_SUFFIX = "-eps"  # a private preset's run at one target ε of the frontier: private-eps8
+PROCESSES_SUFFIX = "proc"  # a run in N > 1 training processes: default-2proc
+SEED_SUFFIX = "-seed"  # one run of several seeds (--seeds): default-seed1
+SEED_PART = re.compile(rf"{SEED_SUFFIX}\d+(?=(?:{REPEAT_SUFFIX})?$)")
 # The CPU features that decide training speed: AVX-512 and native bf16 (see stages/hardware.py).
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def row_name(preset: str, *, epsilon: float | None = None, processes: int = 1, seed: int | None = None,
+             repeat: bool = False) -> str:
+    """A run's row: <preset>[-eps<ε>][-<N>proc][-seed<N>][-repeat]. A part at its default (not private, one
+    process, one seed) is left out, so the names, and the results.csv files holding them, are as before
+    the benchmark had these axes."""
+    name = preset
+    if epsilon is not None:
+        name += f"{EPSILON_SUFFIX}{epsilon:g}"
+    if processes > 1:
+        name += f"-{processes}{PROCESSES_SUFFIX}"
+    if seed is not None:
+        name += f"{SEED_SUFFIX}{seed}"
+    return name + (REPEAT_SUFFIX if repeat else "")
+
+
+def without_seed(name: str) -> str:
+    """default-2proc-seed1 → default-2proc: the runs a seed summary takes together."""
+    return SEED_PART.sub("", name)
 
 
 def cpu_flags() -> str:
@@ -50,9 +78,17 @@ def describe_machine() -> str:
 
 
 def load_rows(csv_path: Path) -> pd.DataFrame:
+    """results.csv with every column of COLUMNS: a file written before some of them existed resumes with
+    those cells empty (a column it has that COLUMNS lacks is kept, after them)."""
     if not csv_path.is_file():
-        return pd.DataFrame(columns=COLUMNS)
-    return pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+        return with_columns(pd.DataFrame(columns=COLUMNS))
+    return with_columns(pd.read_csv(csv_path, keep_default_na=False, na_values=[""]))
+
+
+def with_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table in COLUMNS' order, each of them present, whole-number columns as such."""
+    extra = [column for column in table.columns if column not in COLUMNS]
+    return table.reindex(columns=[*COLUMNS, *extra]).astype(INTEGER_COLUMNS)
 
 
 def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: float) -> pd.DataFrame:
@@ -60,8 +96,8 @@ def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: flo
     row = {**figures, **machine(),
            "ratio_to_T": round(figures["train_seconds"] / t_seconds, 3),
            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    new = pd.DataFrame([row]).reindex(columns=COLUMNS)  # the tutorial has no load_seconds
-    table = pd.concat([rows, new], ignore_index=True) if len(rows) else new
+    new = with_columns(pd.DataFrame([row]))  # the tutorial has no load_seconds
+    table = with_columns(pd.concat([rows, new], ignore_index=True)) if len(rows) else new
     with atomic_path(csv_path) as partial:
         table.to_csv(partial, index=False)
     return table
@@ -77,16 +113,48 @@ def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None)
         f"T = **{tutorial['train_seconds']:.1f} s**: the PyTorch tutorial's training time on this machine "
         f"(LeNet, batch 4, per-image PIL decoding), test accuracy {100 * tutorial['accuracy']:.2f} %.",
         "Accuracies are fractions of the test split; `accuracy_tta` with evaluate's test-time augmentation; "
-        "`epsilon` the ε a private run spent (δ as its preset says), empty for the others.",
+        "`epsilon` the ε a private run spent (δ as its preset says), empty for the others; `processes` the "
+        "training processes (`allreduce_*`: the gradients' all-reduce per step, seconds and share of a step, with "
+        "several); `eval_seconds` evaluate's scoring of the test split, with TTA.",
         "",
-        rows.to_markdown(index=False, floatfmt="g"),
+        markdown_table(rows),
         "",
+        *describe_seeds(rows),
         *describe_pipeline(pipeline, rows),
         *describe_repeats(rows),
         "Made by `python -m bench` (bench/); figures from one run on one machine.",
     ]
     with atomic_path(path) as partial:
         partial.write_text("\n".join(lines) + "\n")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    # Missing cells (the tutorial's seed, a one-process run's all-reduce) empty rather than `nan` or `<NA>`.
+    cells = table.astype(object).where(table.notna(), None)
+    return cells.to_markdown(index=False, floatfmt="g", missingval="")
+
+
+def describe_seeds(rows: pd.DataFrame) -> list[str]:
+    """The runs of several seeds (rows <run>-seed<N>), per run: mean ± standard deviation over the seeds present."""
+    seeded = rows[rows["name"].str.contains(SEED_PART)]
+    if seeded.empty:
+        return []
+    summary = pd.DataFrame([summarise_seeds(run, runs)
+                            for run, runs in seeded.groupby(seeded["name"].map(without_seed), sort=False)])
+    return ["Over seeds: mean ± standard deviation (sample, n − 1) of the rows `<run>-seed<N>` present; with one "
+            "seed so far, its figure alone.", "", markdown_table(summary), ""]
+
+
+def summarise_seeds(run: str, runs: pd.DataFrame) -> dict:
+    return {"run": run, "seeds": ", ".join(str(seed) for seed in runs["seed"]),
+            **{column: mean_and_deviation(runs[column]) for column in SEED_SUMMARY_COLUMNS}}
+
+
+def mean_and_deviation(values: pd.Series) -> str:
+    values = values.dropna()
+    if len(values) < 2:
+        return "" if values.empty else f"{values.iloc[0]:.4g}"
+    return f"{values.mean():.4g} ± {values.std():.2g}"
 
 
 def describe_pipeline(pipeline: dict | None, rows: pd.DataFrame) -> list[str]:

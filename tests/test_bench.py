@@ -1,6 +1,7 @@
 """python -m bench, smoke-sized: the tutorial baseline and one preset (twice) on a tiny generated
 image archive, each trained for one epoch, and the pipeline's decode and no-op `dvc repro` times
-from a scratch DVC project; a rerun skips the finished rows; another CPU's file is refused."""
+from a scratch DVC project; a rerun skips the finished rows; another CPU's file is refused; several
+seeds and process counts give a row each."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def test_tutorial_and_preset_rows_are_written_with_sane_figures(benchmarked):
     assert (rows["peak_memory_mb"] > 50).all()  # a Python process with torch loaded
     assert rows["cpu_model"].nunique() == 1 and rows.loc["default", "device"] == "cpu"
     assert rows.loc["tutorial", "precision"] == "fp32" and rows.loc["default", "threads"] == 1
+    assert rows.loc["default", ["seed", "processes"]].tolist() == [0, 1] and rows.loc["default", "eval_seconds"] > 0
+    assert rows.loc["default", ["allreduce_seconds", "allreduce_share"]].isna().all()  # one process: no all-reduce
     markdown = (out / "results.md").read_text()
     assert "T = **" in markdown and "| default " in markdown
     assert (out / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
@@ -93,13 +96,15 @@ def test_a_rerun_skips_finished_rows(benchmarked):
     assert (out / "results.csv").read_text() == before
 
 
-def copy_of_results(benchmarked, tmp_path: Path, **changes) -> Path:
-    """A folder beside a link to the archive holding the benchmark's results.csv with columns changed."""
+def copy_of_results(benchmarked, tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    """A folder beside a link to the archive holding the benchmark's results.csv with columns changed or dropped,
+    and a link to its cache: the archive is extracted and decoded once for the whole module."""
     archive, out, _ = benchmarked
     other = tmp_path / "other"
     other.mkdir()
     (tmp_path / archive.name).symlink_to(archive)
-    rows = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    (other / "cache").symlink_to(out / "cache")
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""]).drop(columns=list(drop))
     for column, change in changes.items():
         rows[column] = change(rows[column])
     rows.to_csv(other / "results.csv", index=False)
@@ -132,21 +137,75 @@ def test_rows_are_not_added_when_t_has_changed_since_the_file_was_started(benchm
     assert not (other / "runs" / "lenet").exists()
 
 
-def test_a_private_preset_gives_a_row_per_epsilon_of_its_frontier(benchmarked, tmp_path):
+def test_a_private_preset_gives_a_row_per_epsilon_of_its_frontier_in_one_process(benchmarked, tmp_path):
     archive = benchmarked[0]
     other = copy_of_results(benchmarked, tmp_path)
 
     # The smoke's widths are convnet's; the private preset trains scatternet. T of a second is noisy.
     result = run_bench(archive, other, "--presets", "private", "--epsilons", "8,3", "--set", "train.widths=null",
-                       "--set", "train.batch_size=8", "--t-tolerance", "10", "--no-pipeline")
+                       "--set", "train.batch_size=8", "--t-tolerance", "10", "--no-pipeline", "--processes", "1,2")
 
     assert result.returncode == 0, result.stderr
     assert "T now" in result.stderr
+    assert "skipped, private presets train in one process only: private-eps8-2proc, private-eps3-2proc" in result.stderr
     rows = pd.read_csv(other / "results.csv").set_index("name")
     assert list(rows.index[-2:]) == ["private-eps8", "private-eps3"]
     assert rows.loc["private-eps8", "epsilon"] == pytest.approx(8, rel=0.02)
     assert rows.loc["private-eps3", "epsilon"] == pytest.approx(3, rel=0.02)
     assert rows.loc["default", "epsilon"] != rows.loc["default", "epsilon"]  # NaN: not private
+
+
+def test_a_private_preset_in_several_processes_only_is_refused_before_any_work(benchmarked, tmp_path):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path)
+
+    result = run_bench(archive, other, "--presets", "private", "--epsilons", "8", "--processes", "2")
+
+    assert result.returncode != 0
+    assert "error: nothing to run: private-eps8-2proc would train a private preset in several processes" \
+        in result.stderr and "add 1 to --processes" in result.stderr
+    assert not (other / "runs").exists()
+
+
+def test_several_seeds_give_a_row_each_and_their_mean_and_deviation(benchmarked, tmp_path):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path)
+
+    result = run_bench(archive, other, "--seeds", "0,1", "--t-tolerance", "10", "--no-pipeline")
+
+    assert result.returncode == 0, result.stderr
+    rows = pd.read_csv(other / "results.csv").set_index("name")
+    seeded = rows.loc[["default-seed0", "default-seed1"]]
+    assert list(rows.index) == ["tutorial", "default", "default-repeat", "default-seed0", "default-seed1"]
+    assert seeded["seed"].tolist() == [0, 1]
+    assert [read_params(other / "runs" / name / "params.yaml")["seed"] for name in seeded.index] == [0, 1]
+    summary = [line for line in (other / "results.md").read_text().splitlines() if line.startswith("| default ")
+               and "±" in line]
+    accuracy = seeded["accuracy"]
+    assert len(summary) == 1 and "| 0, 1 " in summary[0]
+    assert f"{accuracy.mean():.4g} ± {accuracy.std():.2g}" in summary[0]
+
+
+# What train's DVCLive summary and evaluate's metrics gave columns for after the first results.csv files.
+COLUMNS_ADDED_LATER = ("seed", "processes", "eval_seconds", "allreduce_seconds", "allreduce_share")
+
+
+def test_two_processes_give_a_2proc_row_and_a_file_from_before_the_columns_resumes(benchmarked, tmp_path):
+    archive = benchmarked[0]
+    other = copy_of_results(benchmarked, tmp_path, drop=COLUMNS_ADDED_LATER)
+
+    result = run_bench(archive, other, "--processes", "1,2", "--t-tolerance", "10", "--no-pipeline")
+
+    assert result.returncode == 0, result.stderr
+    assert "default: done before" in result.stderr
+    rows = pd.read_csv(other / "results.csv").set_index("name")
+    assert list(rows.index) == ["tutorial", "default", "default-repeat", "default-2proc"]
+    assert rows.loc["default", COLUMNS_ADDED_LATER].isna().all()  # the old rows as they were
+    trained = json.loads((other / "runs" / "default-2proc" / "reports" / "train" / "metrics.json").read_text())
+    assert trained["processes"] == 2 and rows.loc["default-2proc", "processes"] == 2
+    assert rows.loc["default-2proc", "eval_seconds"] > 0
+    for column in ("allreduce_seconds", "allreduce_share"):  # train's, where it wrote them; else an empty cell
+        assert rows.loc["default-2proc", column] == pytest.approx(trained.get(column, float("nan")), nan_ok=True)
 
 
 def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
