@@ -19,7 +19,9 @@ import ipaddress
 import logging
 import os
 import socket
+import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -101,7 +103,10 @@ def launch(settings, arguments: list[str]) -> None:
     # Its INFO lines are the launcher's bookkeeping, and its ERROR block repeats what `failure` says in a line.
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     try:
-        torchrun.run(torchrun.parse_args(command))
+        # The launcher's own files (each rank's error file) in a folder that goes with it: left to itself it
+        # leaves a torchelastic_* folder in the temporary directory every run.
+        with tempfile.TemporaryDirectory(prefix="train-launcher-") as logs:
+            torchrun.run(torchrun.parse_args([f"--log-dir={logs}", *command]))
     except ChildFailedError as error:
         raise StageError(failure(error, settings)) from None
     except RendezvousError as error:
@@ -201,10 +206,18 @@ def failures_reported(ranks: Ranks):
         sys.exit(1)
     except Exception as error:
         ErrorHandler().record_exception(error)
+        if peer_lost(error):  # another rank failed first: its error is the one to show, not this echo of it
+            sys.exit(1)
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def peer_lost(error: Exception) -> bool:
+    """Whether a collective failed because another rank is gone (gloo: "Connection closed by peer")."""
+    return isinstance(error, dist.DistNetworkError) or any(
+        words in str(error) for words in ("closed by peer", "reset by peer", "Broken pipe"))
 
 
 def share(indices: torch.Tensor, ranks: Ranks) -> torch.Tensor:
@@ -261,6 +274,23 @@ def check_in_step(model: torch.nn.Module, ranks: Ranks) -> None:
         raise StageError(f"the {ranks.world} ranks ended with different weights (sha256 {', '.join(digests)}): "
                          "they drifted apart; nothing was saved")
     log.info("all %d ranks end with the same weights (sha256 %s)", ranks.world, digests[0][:16])
+
+
+def allreduce_seconds(model: torch.nn.Module, ranks: Ranks, repeats: int = 10) -> float:
+    """How long one all-reduce of the model's gradients takes across the ranks (the median of `repeats`), as DDP
+    runs it once a step: what several processes add to a step at most, since DDP overlaps it with the backward
+    pass where it can. Measured after training, on the job's own process group and devices."""
+    device = next(model.parameters()).device
+    gradients = torch.zeros(sum(parameter.numel() for parameter in model.parameters()), device=device)
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(gradients)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def rank_generator(seed: int, ranks: Ranks, shared: torch.Generator) -> torch.Generator:

@@ -294,7 +294,9 @@ def resolve_train(written: ParamsFile, switched_off: set[str]) -> tuple[dict, li
         return {}, [f"train.preset: must be one of the presets defined in params.yaml: {', '.join(written.presets)} "
                     f"(got {name!r})"]
     preset = written.presets[name]
-    explicit = written.train.model_dump(exclude_none=True) | dict.fromkeys(switched_off)
+    # null under train: is "the preset's value" for a recipe key; a machine key's null is its value (rendezvous)
+    explicit = {key: value for key, value in written.train.model_dump().items()
+                if value is not None or key in Machine.model_fields} | dict.fromkeys(switched_off)
     recipe = preset.model_dump()
     if explicit.get("optimizer", preset.optimizer) != preset.optimizer:
         # A preset's head and bias lrs are tuned for its optimizer (Muon's SGD part takes lrs in

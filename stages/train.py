@@ -56,6 +56,8 @@ def main() -> None:
     params = load_params()
     settings = params.train
     if distributed.wanted(settings) and not distributed.launched():
+        # Refused here, before a process is started for nothing; a rank checks again (torchrun by hand).
+        check_batches_for_ranks(count_training_images(args), settings.batch_size, settings.processes * settings.nodes)
         distributed.launch(settings, sys.argv[1:])  # which runs this module again, as each rank
         return
     compute = resolve_compute(settings.device, settings.precision)
@@ -92,7 +94,7 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
     initial_weights = None if settings.weights == RANDOM else load_initial_weights(model, settings.model, settings.weights)
     model = model.to(compute.device, memory_format=memory_format(settings))
     if ranks.several:
-        check_batches_for_ranks(train_set.count, settings.batch_size, ranks)
+        check_batches_for_ranks(train_set.count, settings.batch_size, ranks.world)
         if compute.device.type == "cuda":  # on CPU (gloo) torch has no SyncBatchNorm: each rank's own statistics
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if settings.target_epsilon is not None:
@@ -118,6 +120,8 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
         train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live,
                                      ranks)
         images_seen = train_set.count * settings.epochs
+        steps = math.ceil(train_set.count / min(settings.batch_size, train_set.count)) * settings.epochs
+        allreduce = distributed.allreduce_seconds(model, ranks) if ranks.several else None
         summary = {
             "load_seconds": round(load_seconds, 3),  # the prepared train and test sets into memory
             "train_seconds": round(train_seconds, 2),
@@ -126,6 +130,9 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
             "precision": compute.precision,
             "threads": torch.get_num_threads(),  # each process's
             "processes": ranks.world,
+            # Several processes: one all-reduce of the gradients across them, and its share of a step's time.
+            "allreduce_seconds": round(allreduce, 5) if allreduce is not None else None,
+            "allreduce_share": round(allreduce / (train_seconds / steps), 4) if allreduce is not None else None,
             "train_images": train_set.count,
             # Null for a run without a privacy guarantee: `dvc exp show` keeps the same columns for every run.
             "epsilon": privacy["epsilon"] if privacy else None,
@@ -157,10 +164,14 @@ def parse_args() -> argparse.Namespace:
 # --- several processes (stages/distributed.py) ---------------------------------------------
 
 
-def check_batches_for_ranks(images: int, batch_size: int, ranks: Ranks) -> None:
+def count_training_images(args: argparse.Namespace) -> int:
+    return sum(len(split.labels) for _, split in training_parts(Path(args.prepared), Path(args.augmented)))
+
+
+def check_batches_for_ranks(images: int, batch_size: int, world: int) -> None:
     smallest = images // math.ceil(images / min(batch_size, images))  # batches() splits near-equally
-    if smallest < ranks.world:
-        raise StageError(f"train.processes: {ranks.world} processes in all, but the {images} training images in "
+    if smallest < world:
+        raise StageError(f"train.processes: {world} processes in all, but the {images} training images in "
                          f"batches of train.batch_size {batch_size} give batches of {smallest} images, less than "
                          f"one a process: use at most {smallest} processes, or a larger batch_size")
 
