@@ -102,9 +102,11 @@ def serving(server, prefect_env, repo, tmp_path):
 
 def test_a_cancelled_run_stops_dvc_and_its_stage_and_two_runs_after_it_complete(serving, prefect_env, repo):
     serving()  # the nightly cron: no scheduled run comes in the way of the ones triggered here
-    retrain_needed(repo, 40)
+    # In two processes: torch's launcher starts each rank in a session of its own, out of reach of the
+    # process-group signals that stop dvc and its stage; the ranks follow their launcher.
+    retrain_needed(repo, 40, processes=2)
     flow_run = deployment_run(prefect_env, repo)
-    train_starts(repo)
+    train_starts(repo, processes=3)  # the launcher and its two ranks
 
     cancelled = prefect(["flow-run", "cancel", flow_run], repo, prefect_env)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
@@ -112,7 +114,7 @@ def test_a_cancelled_run_stops_dvc_and_its_stage_and_two_runs_after_it_complete(
     assert wait_for(lambda: query(prefect_env, "state", flow_run) == "CANCELLED", 60)
 
     # Two runs triggered at once: the deployment's limit of one queues the second; both complete.
-    retrain_needed(repo, 3)
+    retrain_needed(repo, 3, processes=1)
     runs = [deployment_run(prefect_env, repo), deployment_run(prefect_env, repo)]
     assert wait_for(lambda: all(query(prefect_env, "state", run) == "COMPLETED" for run in runs),
                     2 * RUN_DEADLINE_SECONDS, every=3), [query(prefect_env, "state", run) for run in runs]
@@ -159,9 +161,10 @@ def pipeline_processes(repo: Path) -> list[psutil.Process]:
     return found
 
 
-def train_starts(repo: Path, deadline_seconds: float = RUN_DEADLINE_SECONDS) -> None:
-    """Wait until the train stage runs in the repo."""
-    training = wait_for(lambda: [p for p in pipeline_processes(repo) if "stages.train" in " ".join(p.info["cmdline"])],
+def train_starts(repo: Path, deadline_seconds: float = RUN_DEADLINE_SECONDS, processes: int = 1) -> None:
+    """Wait until the train stage runs in the repo (as `processes` processes: its launcher and ranks)."""
+    training = wait_for(lambda: len([p for p in pipeline_processes(repo)
+                                     if "stages.train" in " ".join(p.info["cmdline"])]) >= processes,
                         deadline_seconds, every=0.2)
     assert training, "train never started"
 
@@ -177,10 +180,12 @@ def assert_stopped_and_lock_free(repo: Path) -> None:
     assert free, (locks.live_holder(repo), locks.rwlock_holders(repo))
 
 
-def retrain_needed(repo: Path, epochs: int) -> None:
+def retrain_needed(repo: Path, epochs: int, processes: int | None = None) -> None:
     """A params.yaml change that makes the next run train again (long enough to be stopped midway)."""
-    text = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(text.replace("\n  epochs: ", f"\n  epochs: {epochs}  # ", 1))
+    text = (repo / "params.yaml").read_text().replace("\n  epochs: ", f"\n  epochs: {epochs}  # ", 1)
+    if processes is not None:
+        text = text.replace("\n  processes: ", f"\n  processes: {processes}  # ", 1)
+    (repo / "params.yaml").write_text(text)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
