@@ -184,6 +184,7 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
     run_stage("evaluate", cwd=no_tta, log_file=log_file, tag=f"{preset} evaluate, no TTA")
 
     summary = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+    recipe = YAML(typ="safe", pure=True).load(project / "reports" / "train" / "params.yaml")  # what train ran
     evaluated = json.loads((project / "reports" / "metrics.json").read_text())
     return {
         "accuracy": json.loads((no_tta / "reports" / "metrics.json").read_text())["accuracy"],
@@ -198,6 +199,8 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
         # Train writes these with several processes only (DVCLive takes no nulls): empty cells otherwise.
         "allreduce_seconds": summary.get("allreduce_seconds"),
         "allreduce_share": summary.get("allreduce_share"),
+        "parameters": summary["parameters"],
+        "batch_size": recipe["batch_size"],
         "peak_memory_mb": trained.peak_memory_mb,
         "device": summary["device"],
         "precision": summary["precision"],

@@ -19,11 +19,16 @@ from stages.outputs import atomic_path
 
 COLUMNS = [
     "name", "accuracy", "accuracy_tta", "epsilon", "seed", "processes", "train_seconds", "ratio_to_T",
-    "images_per_second", "eval_seconds", "allreduce_seconds", "allreduce_share", "load_seconds", "peak_memory_mb",
-    "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version", "finished_at",
+    "images_per_second", "eval_seconds", "allreduce_seconds", "allreduce_share", "parameters", "batch_size",
+    "load_seconds", "peak_memory_mb", "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version",
+    "finished_at",
 ]
 # Whole numbers that a missing value (the tutorial's, an older file's) would otherwise turn into floats: 1.0.
-INTEGER_COLUMNS = {"seed": "Int64", "processes": "Int64", "threads": "Int64"}
+INTEGER_COLUMNS = {"seed": "Int64", "processes": "Int64", "threads": "Int64", "parameters": "Int64",
+                   "batch_size": "Int64"}
+# The scaling table: machines, and the links between them in Gbit/s.
+SCALING_MACHINES = (2, 4, 8, 16, 32)
+SCALING_LINKS_GBIT = (10, 100)
 # Over the seeds of a preset, results.md gives the mean and deviation of these.
 SEED_SUMMARY_COLUMNS = ("accuracy", "accuracy_tta", "train_seconds", "ratio_to_T")
 TUTORIAL = "tutorial"
@@ -120,6 +125,7 @@ def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None)
         markdown_table(rows),
         "",
         *describe_seeds(rows),
+        *describe_scaling(rows),
         *describe_pipeline(pipeline, rows),
         *describe_repeats(rows),
         "Made by `python -m bench` (bench/); figures from one run on one machine.",
@@ -155,6 +161,36 @@ def mean_and_deviation(values: pd.Series) -> str:
     if len(values) < 2:
         return "" if values.empty else f"{values.iloc[0]:.4g}"
     return f"{values.mean():.4g} ± {values.std():.2g}"
+
+
+def describe_scaling(rows: pd.DataFrame) -> list[str]:
+    """How a training step would scale to N machines, for each run in several processes: the one-process run's
+    compute for a global batch, split N ways, against one ring all-reduce of the gradients (each machine sends
+    and receives 2 (N - 1) / N of 4 bytes a parameter) at 10 and 100 Gbit/s, with nothing overlapped."""
+    several = rows[rows["processes"].fillna(1) > 1].dropna(subset=["parameters", "batch_size"])
+    by_name = rows.set_index("name")
+    table = []
+    for _, run in several.iterrows():
+        alone = re.sub(rf"-{int(run['processes'])}{PROCESSES_SUFFIX}", "", run["name"])
+        if alone not in by_name.index:
+            continue
+        step = run["batch_size"] / by_name.loc[alone, "images_per_second"]  # one machine, every core, one process
+        gradient_bytes = 4 * run["parameters"]
+        line = {"run": alone, "parameters": f"{run['parameters']:,}", "gradients MB": f"{gradient_bytes / 1e6:.2f}",
+                "step s (1 machine)": f"{step:.3f}",
+                f"all-reduce ms ({int(run['processes'])} processes here)": f"{1000 * run['allreduce_seconds']:.1f}"}
+        for machines in SCALING_MACHINES:
+            speed_ups = [step / (step / machines + 2 * (machines - 1) / machines * gradient_bytes / (gbit * 1e9 / 8))
+                         for gbit in SCALING_LINKS_GBIT]
+            line[f"{machines} machines"] = " / ".join(f"{speed_up:.1f}x" for speed_up in speed_ups)
+        table.append(line)
+    if not table:
+        return []
+    links = " / ".join(f"{gbit} Gbit/s" for gbit in SCALING_LINKS_GBIT)
+    return [f"Scaling to N machines like this one (speed-up of a step at {links}): each computes 1/N of the global "
+            "batch at the one-process run's images/s and all-reduces the gradients in a ring (2 (N − 1) / N of "
+            "them sent and received per machine), nothing overlapped, latency left out.", "",
+            pd.DataFrame(table).to_markdown(index=False), ""]
 
 
 def describe_pipeline(pipeline: dict | None, rows: pd.DataFrame) -> list[str]:

@@ -130,6 +130,7 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
             "precision": compute.precision,
             "threads": torch.get_num_threads(),  # each process's
             "processes": ranks.world,
+            "parameters": count_parameters(model),
             # Several processes: one all-reduce of the gradients across them, and its share of a step's time.
             "allreduce_seconds": round(allreduce, 5) if allreduce is not None else None,
             "allreduce_share": round(allreduce / (train_seconds / steps), 4) if allreduce is not None else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ruamel.yaml import YAML
 
 from bench.pipeline import preset_names, read_params
 from conftest import ONE_THREAD, TINY_CLASSES, stage_environment
@@ -187,7 +188,8 @@ def test_several_seeds_give_a_row_each_and_their_mean_and_deviation(benchmarked,
 
 
 # What train's DVCLive summary and evaluate's metrics gave columns for after the first results.csv files.
-COLUMNS_ADDED_LATER = ("seed", "processes", "eval_seconds", "allreduce_seconds", "allreduce_share")
+COLUMNS_ADDED_LATER = ("seed", "processes", "eval_seconds", "allreduce_seconds", "allreduce_share", "parameters",
+                       "batch_size")
 
 
 def test_two_processes_give_a_2proc_row_and_a_file_from_before_the_columns_resumes(benchmarked, tmp_path):
@@ -204,8 +206,19 @@ def test_two_processes_give_a_2proc_row_and_a_file_from_before_the_columns_resum
     trained = json.loads((other / "runs" / "default-2proc" / "reports" / "train" / "metrics.json").read_text())
     assert trained["processes"] == 2 and rows.loc["default-2proc", "processes"] == 2
     assert rows.loc["default-2proc", "eval_seconds"] > 0
-    for column in ("allreduce_seconds", "allreduce_share"):  # train's, where it wrote them; else an empty cell
-        assert rows.loc["default-2proc", column] == pytest.approx(trained.get(column, float("nan")), nan_ok=True)
+    for column in ("allreduce_seconds", "allreduce_share", "parameters"):  # train's
+        assert rows.loc["default-2proc", column] == pytest.approx(trained[column])
+    recipe = YAML(typ="safe", pure=True).load(other / "runs" / "default-2proc" / "reports" / "train" / "params.yaml")
+    assert rows.loc["default-2proc", "batch_size"] == recipe["batch_size"]
+    # The scaling table: the one-process row's step time against the ring all-reduce of 4 bytes a parameter.
+    markdown = (other / "results.md").read_text()
+    assert "Scaling to N machines like this one" in markdown
+    step = recipe["batch_size"] / rows.loc["default", "images_per_second"]
+    gradient_bytes = 4 * trained["parameters"]
+    two_at_10_gbit = step / (step / 2 + gradient_bytes / 1.25e9)
+    scaling = markdown.split("Scaling to N machines")[1]
+    (line,) = [line for line in scaling.splitlines() if line.startswith("| default ")]
+    assert f"{two_at_10_gbit:.1f}x" in line.split("|")[6]
 
 
 def test_by_default_every_preset_that_trains_from_scratch_is_benchmarked():
