@@ -3,6 +3,8 @@ provenance, replaced only by a run that beats it on one metric by a margin.
 
 models/champion/ holds model.pt (the checkpoint, as train wrote it), metrics.json (evaluate's),
 per_class.csv and provenance.json (git commit, experiment, params, data checksum, flow run).
+With DVC's model registry (flows/registry.py) the folder is a cache of the registered champion,
+written by `install`.
 """
 
 from __future__ import annotations
@@ -74,7 +76,12 @@ def decide(challenger: dict, champion: dict | None, metric: str, margin: float,
 
 
 def promote(project: Path, provenance: dict) -> Path:
-    """Make the workspace's model, metrics and provenance the champion, never leaving half of one.
+    """Make the workspace's model, metrics and provenance the champion, never leaving half of one."""
+    return install(project, {name: project / source for name, source in CHAMPION_FILES.items()}, provenance)
+
+
+def install(project: Path, files: dict[str, Path | bytes], provenance: dict) -> Path:
+    """Make these files (a path to copy, or the bytes) and provenance the champion, never leaving half of one.
 
     The new champion is written complete in a hidden folder beside the old, then swapped in with
     two renames; a crash between them leaves the old champion complete under
@@ -84,8 +91,11 @@ def promote(project: Path, provenance: dict) -> Path:
     staging = partial_folder(folder)  # and the staging folders of promotions killed midway, removed
     staging.chmod(0o755)  # made private; the champion is not
     try:
-        for name, source in CHAMPION_FILES.items():
-            shutil.copy2(project / source, staging / name)
+        for name, source in files.items():
+            if isinstance(source, bytes):
+                (staging / name).write_bytes(source)
+            else:
+                shutil.copy2(source, staging / name)
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
         # Weights are not for git: the folder ignores itself (and DVC's experiments leave it alone).
         (staging / ".gitignore").write_text("*\n")
