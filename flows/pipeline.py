@@ -70,7 +70,15 @@ class PipelineRun:
     def error_text(self) -> str:
         """The failing stage's own message: its `error: ...` lines (stages.errors.run_stage), else
         its traceback's last line, else DVC's own error."""
-        stage_errors = [line.removeprefix("error: ") for line in self.lines if line.startswith("error: ")]
+        stage_errors, in_error = [], False
+        for line in self.lines:
+            if line.startswith("error: "):
+                stage_errors.append(line.removeprefix("error: "))
+                in_error = True
+            elif in_error and line.startswith((" ", "\t")):  # the error's own details: params.yaml's problems
+                stage_errors.append(line)
+            else:
+                in_error = False
         if stage_errors:
             return "\n".join(stage_errors)
         exceptions = [line for line in self.lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]

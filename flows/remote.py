@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvc.config import Config, ConfigError
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+from dvc_data.hashfile.tree import Tree
 
 # botocore's attempts per request, where the environment does not choose: s3fs (under dvc-s3) already
 # tries each request 5 times, retrying timeouts, refused connections and throttling, and botocore's
@@ -78,11 +81,31 @@ class RemoteError(RuntimeError):
 # --- what the flow calls ------------------------------------------------------------------------
 
 
-def push_cache(project: Path, remote: str | None = None) -> str:
+def push_cache(project: Path, remote: str | None = None, run_cache: bool = False) -> str:
     """Upload the checkout's DVC cache for its workspace (what dvc.lock names) to the remote (default:
-    the default remote); DVC's summary ("3 files pushed"). Raises RemoteError."""
-    return run_dvc(project, ["push", *remote_option(remote)], remote, "the results stay in the local cache: "
-                   "push again once fixed")
+    the default remote), with DVC's run-cache too when asked (what lets `dvc repro --pull` elsewhere restore a
+    stage that ran here instead of running it); DVC's summary ("3 files pushed"). Raises RemoteError."""
+    keep = "the results stay in the local cache: push again once fixed"
+    summary = run_dvc(project, ["push", *remote_option(remote), *(["--run-cache"] if run_cache else [])], remote, keep)
+    if run_cache:
+        summary += f"; {push_uncached_outputs(project, remote, keep)} files of cache: false outputs"
+    return summary
+
+
+def push_uncached_outputs(project: Path, remote: str | None, keep: str) -> int:
+    """DVC's run-cache records every output of a stage, those it leaves to git (`cache: false`: the metrics, the
+    tables) too, and keeps a copy of them in the local cache; `dvc push --run-cache` sends the record but not
+    those copies, so elsewhere `dvc repro --pull` finds the run, misses its metrics and runs the stage again.
+    They are pushed here, through DVC's own transfer; how many were sent."""
+    try:
+        with Repo(str(project)) as repo:
+            hashes = set()
+            for output in (out for stage in repo.index.stages for out in stage.outs if not out.use_cache):
+                hashes |= objects_of(repo, output.hash_info)
+            return len(repo.cloud.push(hashes, remote=remote).transferred)
+    except DvcException as error:
+        raise remote_error(project, "dvc push (cache: false outputs)", dvc_error(str(error)), remote, keep,
+                           None) from None
 
 
 def push_experiment(project: Path, experiment: str, git_remote: str = "origin", remote: str | None = None) -> str:
@@ -110,6 +133,17 @@ def pull_experiment(project: Path, experiment: str, git_remote: str = "origin", 
     RemoteError. Called again after a failed data download, it downloads the data of refs it already has."""
     return run_dvc(project, ["exp", "pull", *remote_option(remote), git_remote, experiment], remote,
                    "pull it again once fixed", git_remote=git_remote)
+
+
+def objects_of(repo: Repo, hash_info) -> set:
+    """An output's objects in the local cache: the file's, or a folder's listing and each of its files' (DVC's
+    transfer sends what it is given, not what a listing names). None where the cache lacks them: an output of a
+    stage whose run DVC did not record (its other outputs include a `cache: false` one that is no metric or plot)."""
+    if not hash_info or not repo.cache.local.exists(hash_info.value):
+        return set()
+    if not hash_info.isdir:
+        return {hash_info}
+    return {hash_info, *(entry for _, _, entry in Tree.load(repo.cache.local, hash_info))}
 
 
 # --- running DVC --------------------------------------------------------------------------------

@@ -8,16 +8,18 @@ on to its end, 24 s later, before the worker exited). A retraining run can train
 one asks Prefect to cancel the runs its worker started, the way the UI's "Cancel" does: the worker
 then stops each run's process group, the flow stops DVC and its stage (flows/pipeline.py), and the
 runs show Cancelled. Then the worker itself is stopped. Any other option is passed to
-`prefect worker start`.
+`prefect worker start`, but `--crashed-after SECONDS` (below).
 
 A machine that dies (or a worker killed with its runs) cannot say so: its runs would stay Running
 forever. The runs this worker starts beat every HEARTBEAT_SECONDS (Prefect's flow-run heartbeat
 events), and the worker makes sure its server has the automation that marks a run Crashed when its
-heartbeats stop for CRASHED_AFTER_SECONDS (Prefect's own way to catch "zombie" runs).
+heartbeats stop for `--crashed-after` seconds (CRASHED_AFTER_SECONDS; Prefect's own way to catch "zombie"
+runs). The first worker to start on a server sets that window; change it in the UI's Automations.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 from uuid import UUID
 
 import flows  # noqa: F401, I001  first: sets DO_NOT_TRACK before Prefect is imported
@@ -42,6 +45,9 @@ WORKER_STOP_SECONDS = 30
 HEARTBEAT_SECONDS = 30
 CRASHED_AFTER_SECONDS = 90
 CRASH_AUTOMATION = "retrain: mark runs whose heartbeats stopped as Crashed"
+# The clone a shared deployment's runs work in (prefect.yaml's shared-retrain): this worker's own.
+CHECKOUT_VARIABLE = "IMAGE_PIPELINE_CHECKOUT"
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 class Stop(Exception):
@@ -49,11 +55,13 @@ class Stop(Exception):
 
 
 def main() -> None:
-    ensure_crash_automation()
-    # The runs inherit the worker's environment: each of them beats.
-    environment = {**os.environ, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))}
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *sys.argv[1:]], env=environment,
+    arguments, crashed_after = crash_window(sys.argv[1:])
+    ensure_crash_automation(crashed_after)
+    # The runs inherit the worker's environment: each of them beats, and a shared deployment's runs work in this
+    # worker's own clone (prefect.yaml's shared-retrain sets its working directory from it).
+    environment = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS), CHECKOUT_VARIABLE: str(PROJECT),
+                   **os.environ}
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *arguments], env=environment,
                               start_new_session=True)  # Ctrl-C reaches this process only, which then stops it
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, raise_stop)
@@ -72,9 +80,20 @@ def main() -> None:
         sys.exit(f"stopped the worker and cancelled its {len(runs)} running flow run(s)")
 
 
-def ensure_crash_automation() -> None:
-    """The server's automation that marks a flow run Crashed once it has sent no heartbeat for
-    CRASHED_AFTER_SECONDS without reaching a final state (Prefect's "detect zombie flows" recipe); made once."""
+def crash_window(arguments: list[str]) -> tuple[list[str], float]:
+    """`--crashed-after SECONDS` taken out of the arguments (the rest are `prefect worker start`'s)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--crashed-after", type=float, default=CRASHED_AFTER_SECONDS)
+    known, rest = parser.parse_known_args(arguments)
+    if known.crashed_after <= HEARTBEAT_SECONDS:
+        sys.exit(f"error: --crashed-after {known.crashed_after:g}: a run beats every {HEARTBEAT_SECONDS} s, so a "
+                 f"silence must last longer than that to mean it died (default {CRASHED_AFTER_SECONDS})")
+    return rest, known.crashed_after
+
+
+def ensure_crash_automation(crashed_after: float) -> None:
+    """The server's automation that marks a flow run Crashed once it has sent no heartbeat for `crashed_after`
+    seconds without reaching a final state (Prefect's "detect zombie flows" recipe); made once per server."""
     with contextlib.suppress(ValueError):  # Automation.read raises it when there is none of that name
         if Automation.read(name=CRASH_AUTOMATION):
             return
@@ -89,10 +108,10 @@ def ensure_crash_automation() -> None:
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(seconds=CRASHED_AFTER_SECONDS),
+            within=timedelta(seconds=crashed_after),
         ),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {CRASHED_AFTER_SECONDS} s: its machine or worker died")],
+                                    message=f"no heartbeat for {crashed_after:g} s: its machine or worker died")],
     ).create()
 
 

@@ -207,7 +207,8 @@ def test_a_signal_to_the_retrain_command_stops_dvc_and_its_stage(server, prefect
 
 def test_stopping_the_worker_cancels_its_run_and_stops_dvc_and_its_stage(server, prefect_env, repo, tmp_path):
     # prefect.yaml, deployed onto a process work pool with its cron schedule and concurrency limit.
-    for command in (["work-pool", "create", "images-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+    for command in (["work-pool", "create", "images-process", "--type", "process"],
+                    ["--no-prompt", "deploy", "--name", "nightly-retrain"]):
         result = prefect(command, repo, prefect_env)
         assert result.returncode == 0, result.stdout + result.stderr
     deployed = query(prefect_env, "deployment")
