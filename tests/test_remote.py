@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from datamaker import make_image_folder, make_tar_gz
 from ruamel.yaml import YAML
 from s3_server import S3Server
-from test_pipeline import TINY_PARAMS, project_files, set_params, stages_run
+from test_flows import make_repo
+from test_pipeline import stages_run
 
 from flows import remote
 from stages.models import load_checkpoint
 
 pytest_plugins = ["s3_server"]  # its fixtures: s3_server, s3_environment, silent_endpoint
 
-PROJECT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "one-epoch"
 # An endpoint that never answers fails after 5 tries of these seconds each (flows/remote.py).
 TIMEOUT_SECONDS = 2
@@ -78,21 +76,9 @@ def shared(s3_server, tmp_path_factory) -> Shared:
 
 
 def reproduced_project(workdir: Path, env: dict[str, str]) -> Path:
-    """A committed copy of the project whose data source, ../images.tar.gz, is tiny, after one `dvc repro`
-    (as tests/test_pipeline.py's repo)."""
-    images = make_image_folder(workdir / "images", classes=("circle", "square", "stripes"), per_class=16,
-                               split_test=False, size=(20, 20))
-    make_tar_gz(images, workdir / "images.tar.gz", wrap="images")
-    repo = workdir / "repo"
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT / name, repo / name)
-    set_params(repo, {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "threads": 1}})
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "tests@example.com")
-    git(repo, "config", "user.name", "Tests")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "project")
+    """A committed copy of the project whose data source, ../images.tar.gz, is tiny (tests/test_flows.py's
+    make_repo), after one `dvc repro`."""
+    repo = make_repo(workdir)
     run(["dvc", "repro"], repo, env)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "results")
