@@ -276,6 +276,22 @@ def check_in_step(model: torch.nn.Module, ranks: Ranks) -> None:
     log.info("all %d ranks end with the same weights (sha256 %s)", ranks.world, digests[0][:16])
 
 
+class Silent:
+    """What the ranks other than 0 log their metrics to: nothing (`train.live_logger`)."""
+
+    def log_params(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
+
+
+SILENT = Silent()
+
+
 def allreduce_seconds(model: torch.nn.Module, ranks: Ranks, repeats: int = 10) -> float:
     """How long one all-reduce of the model's gradients takes across the ranks (the median of `repeats`), as DDP
     runs it once a step: what several processes add to a step at most, since DDP overlaps it with the backward

@@ -11,11 +11,11 @@ recipe that ran (`train.preset` resolved) to <live>/params.yaml, as DVCLive logs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +110,7 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
              count_parameters(model) / 1e6, train_set.count, compute.describe(), torch.get_num_threads(),
              f" in each of {ranks.world} processes" if ranks.several else "")
 
-    # DVCLive writes into a hidden folder that becomes <live> at the end: a run killed midway
-    # leaves no curves or summary that look like a finished run's. Only rank 0 writes; the others'
-    # DVCLive writes into a temporary folder that goes.
-    with live_folder_of(args.live, ranks) as live_folder, Live(live_folder, dvcyaml=False, save_dvc_exp=False,
-                                                               report=None) as live:
+    with live_logger(args.live, ranks) as live:
         # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
         live.log_params(settings.model_dump(mode="json"))
         train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live,
@@ -185,8 +181,16 @@ def machine_share(settings: TrainParams, ranks: Ranks) -> tuple[int | str, int |
             max(0, resolve_workers(settings.loader_workers) // ranks.local_world))
 
 
-def live_folder_of(live: str, ranks: Ranks):
-    return atomic_folder(live) if ranks.main else tempfile.TemporaryDirectory(prefix="train-rank-")
+@contextlib.contextmanager
+def live_logger(live: str, ranks: Ranks):
+    """DVCLive, writing into a hidden folder that becomes <live> at the end: a run killed midway leaves no curves or
+    summary that look like a finished run's. Only rank 0 logs: DVCLive in two processes would race on the signal
+    files it keeps in the DVC repository's .dvc/tmp (one removed what the other was about to)."""
+    if not ranks.main:
+        yield distributed.SILENT
+        return
+    with atomic_folder(live) as folder, Live(folder, dvcyaml=False, save_dvc_exp=False, report=None) as logger:
+        yield logger
 
 
 # --- data ----------------------------------------------------------------------------------

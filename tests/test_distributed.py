@@ -237,7 +237,8 @@ def test_a_killed_dvc_repro_ends_every_rank_and_the_next_repro_recovers_then_doe
     run(["git", "commit", "-qam", "two processes"], repo)
 
     # SIGKILL to dvc's process group: the launcher goes with it; its ranks, in sessions of their own, follow it.
-    kill_when(repo, ["dvc", "repro"], "train: epoch 2/")
+    # (`dvc repro train`: the stages after it add nothing here but minutes.)
+    kill_when(repo, ["dvc", "repro", "train"], "train: epoch 2/")
     deadline = time.monotonic() + STOPPED_WITHIN_SECONDS
     while ranks_in(repo) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -246,10 +247,10 @@ def test_a_killed_dvc_repro_ends_every_rank_and_the_next_repro_recovers_then_doe
     assert not (repo / "models/model.pt").exists()  # a hidden .part folder may stay, for the next run to remove
 
     set_params(repo, {"train": {"epochs": 2}})
-    finished = run(["dvc", "repro"], repo)
-    assert stages_run(finished.stdout) == ["train", "evaluate", "compress", "report"], finished.stdout
+    finished = run(["dvc", "repro", "train"], repo)
+    assert stages_run(finished.stdout) == ["train"], finished.stdout
     assert json.loads((repo / "reports/train/metrics.json").read_text())["processes"] == 2
-    again = run(["dvc", "repro"], repo)
+    again = run(["dvc", "repro", "train"], repo)
     assert stages_run(again.stdout) == [], again.stdout
     assert leftovers(repo) == []
 
