@@ -5,7 +5,9 @@
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets private  # rows private-eps1, -eps3, -eps8
     python -m bench --images ../shared/datasets/cifar10-jpeg.tar.gz --presets fast --seeds 0,1,2 --processes 1,2
 
-Writes <out>/results.csv (a row as soon as a run finishes), results.md and accuracy_vs_time.png.
+Writes <out>/results.csv (a row as soon as a run finishes), results.md and accuracy_vs_time.png, and
+peak.json: a large matmul's rate in each precision (bench.peak), timed after T, which each row's
+training FLOPs a second (counted by train) are a share of.
 A rerun skips the rows already there (same CPU), so an interrupted run carries on; --fresh
 starts over. The tutorial always runs first: T, its training time, comes from the same file. A rerun
 with rows left to run times the tutorial again and refuses to go on when this T differs from the
@@ -36,6 +38,7 @@ import pandas as pd
 
 from stages.outputs import write_json
 
+from bench.peak import SIDE, matmul_rates
 from bench.pipeline import (apply_overrides, extract_archive, measure_pipeline, params_for_preset, parse_overrides, prepare_data,
                             is_private, preset_names, read_params, run_preset)
 from bench.processes import ChildFailed, run_module
@@ -44,7 +47,8 @@ from bench.results import TUTORIAL, append_row, load_rows, machine, plot_accurac
 log = logging.getLogger("bench")
 
 PLOT = "accuracy_vs_time.png"
-RESULT_FILES = ("results.csv", "results.md", PLOT, "pipeline.json")
+PEAK = "peak.json"  # bench.peak's matmul rates, which each row's training FLOP/s is a share of
+RESULT_FILES = ("results.csv", "results.md", PLOT, "pipeline.json", PEAK)
 # The plot is redrawn from results.csv on every row, so git keeps the figures, not the picture.
 COMMITTED_FILES = tuple(file for file in RESULT_FILES if file != PLOT)
 
@@ -82,6 +86,9 @@ def main() -> int:
     if TUTORIAL in set(rows["name"]) and set(runs) - set(rows["name"]):
         check_t_unchanged(rows, images, args, out)
     rows = run_tutorial(rows, images, args, out)
+    if not (out / PEAK).is_file():  # in the run that timed T (or, for a file older than it, re-timed it)
+        log.info("peak: timing a large matmul in each precision")
+        write_json(out / PEAK, matmul_rates(args.matmul_side))
     if args.commit:
         commit_results(out, TUTORIAL)
     t_seconds = float(rows.loc[rows["name"] == TUTORIAL, "train_seconds"].iloc[0])
@@ -143,6 +150,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--t-tolerance", type=float, default=0.05,
                         help="how far a rerun's T may be from the file's before the rows are refused to mix "
                              "(a fraction; default 0.05)")
+    parser.add_argument("--matmul-side", type=int, default=SIDE, metavar="N",
+                        help=f"the side of the square matmul timed as the machine's peak (default {SIDE}; smaller for "
+                             "smoke runs)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip timing the decoding and a no-op dvc repro in a scratch DVC project")
     parser.add_argument("--commit", action="store_true",
@@ -264,14 +274,14 @@ def time_tutorial(images: Path, args: argparse.Namespace, out: Path, run_name: s
 
 def record(out: Path, rows: pd.DataFrame, figures: dict | None, t_seconds: float) -> pd.DataFrame:
     """Append a finished run's row (if any), then redraw the table and the plot from the whole file."""
+    pipeline, peak = (json.loads((out / name).read_text()) if (out / name).is_file() else None
+                      for name in ("pipeline.json", PEAK))
     if figures is None:
-        pipeline = json.loads((out / "pipeline.json").read_text())
-        write_markdown(out / "results.md", rows, pipeline)
+        write_markdown(out / "results.md", rows, pipeline, peak)
         log.info("pipeline: %s", pipeline)
         return rows
-    rows = append_row(out / "results.csv", rows, figures, t_seconds)
-    pipeline_file = out / "pipeline.json"
-    write_markdown(out / "results.md", rows, json.loads(pipeline_file.read_text()) if pipeline_file.is_file() else None)
+    rows = append_row(out / "results.csv", rows, figures, t_seconds, peak)
+    write_markdown(out / "results.md", rows, pipeline, peak)
     plot_accuracy_vs_time(out / PLOT, rows)
     log.info("%s: accuracy %.4f%s, %.1f s of training (%.2f T) -> %s", figures["name"], figures["accuracy"],
              f" ({figures['accuracy_tta']:.4f} with TTA)" if figures["accuracy_tta"] is not None else "",

@@ -193,6 +193,7 @@ def run_preset(preset: str, params: dict, data: PreparedData, project: Path) -> 
         "seed": params["seed"],
         "processes": summary["processes"],
         "train_seconds": summary["train_seconds"],
+        "train_flops": summary.get("train_flops"),  # absent from runs of older code
         "load_seconds": summary["load_seconds"],
         "images_per_second": summary["images_per_second"],
         "eval_seconds": evaluated["eval_seconds"],  # the scoring that gave accuracy_tta

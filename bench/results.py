@@ -19,7 +19,8 @@ from stages.outputs import atomic_path
 
 COLUMNS = [
     "name", "accuracy", "accuracy_tta", "epsilon", "seed", "processes", "train_seconds", "ratio_to_T",
-    "images_per_second", "eval_seconds", "allreduce_seconds", "allreduce_share", "parameters", "batch_size",
+    "images_per_second", "eval_seconds", "train_tflop", "tflops", "peak_share", "allreduce_seconds",
+    "allreduce_share", "parameters", "batch_size",
     "load_seconds", "peak_memory_mb", "cpu_model", "cpu_flags", "device", "precision", "threads", "torch_version",
     "finished_at",
 ]
@@ -30,8 +31,9 @@ INTEGER_COLUMNS = {"seed": "Int64", "processes": "Int64", "threads": "Int64", "p
 SCALING_MACHINES = (2, 4, 8, 16, 32)
 SCALING_LINKS_GBIT = (10, 100)
 # Over the seeds of a preset, results.md gives the mean and deviation of these.
-SEED_SUMMARY_COLUMNS = ("accuracy", "accuracy_tta", "train_seconds", "ratio_to_T")
+SEED_SUMMARY_COLUMNS = ("accuracy", "accuracy_tta", "train_seconds", "ratio_to_T", "eval_seconds", "peak_share")
 TUTORIAL = "tutorial"
+PEER = "airbench94"  # the published recipe: P, its mean training time, is the other yardstick
 REPEAT_SUFFIX = "-repeat"  # a preset's second run (--repeat), for the determinism check
 EPSILON_SUFFIX = "-eps"  # a private preset's run at one target ε of the frontier: private-eps8
 PROCESSES_SUFFIX = "proc"  # a run in N > 1 training processes: default-2proc
@@ -96,9 +98,13 @@ def with_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(columns=[*COLUMNS, *extra]).astype(INTEGER_COLUMNS)
 
 
-def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: float) -> pd.DataFrame:
-    """rows plus one finished run, written atomically; returns the new table."""
-    row = {**figures, **machine(),
+def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: float, peak: dict | None = None
+               ) -> pd.DataFrame:
+    """rows plus one finished run, written atomically; returns the new table. `peak`: bench.peak's matmul rates,
+    which the run's training FLOP/s is a share of."""
+    figures = dict(figures)
+    flops = figures.pop("train_flops", None)  # kept as train_tflop
+    row = {**figures, **machine(), **achieved_rate(flops, figures, peak),
            "ratio_to_T": round(figures["train_seconds"] / t_seconds, 3),
            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     new = with_columns(pd.DataFrame([row]))  # the tutorial has no load_seconds
@@ -108,7 +114,23 @@ def append_row(csv_path: Path, rows: pd.DataFrame, figures: dict, t_seconds: flo
     return table
 
 
-def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None) -> None:
+def achieved_rate(flops: int | None, figures: dict, peak: dict | None) -> dict:
+    """train_tflop, tflops, the training FLOPs a second the run reached, and peak_share, that as a share of the
+    matmul rate in its precision (empty where one is unknown: the tutorial's FLOPs are not counted)."""
+    if flops is None:
+        return {}
+    rate = flops / figures["train_seconds"]
+    peak_rate = (peak or {}).get(f"{figures['precision']}_flops_per_second")
+    return {"train_tflop": significant(flops / 1e12), "tflops": significant(rate / 1e12),
+            "peak_share": significant(rate / peak_rate) if peak_rate else None}
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """Rounded to `digits` significant digits: a smoke run's FLOPs are a millionth of a real one's."""
+    return float(f"{value:.{digits}g}")
+
+
+def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None, peak: dict | None = None) -> None:
     tutorial = rows[rows["name"] == TUTORIAL].iloc[0]
     lines = [
         "# Benchmark: the tutorial baseline and the presets",
@@ -120,7 +142,11 @@ def write_markdown(path: Path, rows: pd.DataFrame, pipeline: dict | None = None)
         "Accuracies are fractions of the test split; `accuracy_tta` with evaluate's test-time augmentation; "
         "`epsilon` the ε a private run spent (δ as its preset says), empty for the others; `processes` the "
         "training processes (`allreduce_*`: the gradients' all-reduce per step, seconds and share of a step, with "
-        "several); `eval_seconds` evaluate's scoring of the test split, with TTA.",
+        "several); `eval_seconds` evaluate's scoring of the test split, with TTA, which a user waits for too; "
+        "`train_tflop` the FLOPs training computed (convolutions and matmuls, forward, backward and the "
+        "optimiser's, counted by torch's FlopCounterMode), `tflops` per second of training, `peak_share` that as a "
+        "share of a large matmul's rate in the run's precision.",
+        *describe_peak(peak),
         "",
         markdown_table(rows),
         "",
@@ -140,20 +166,37 @@ def markdown_table(table: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, floatfmt="g", missingval="")
 
 
+def describe_peak(peak: dict | None) -> list[str]:
+    if not peak:
+        return []
+    rates = ", ".join(f"{precision} {peak[f'{precision}_flops_per_second'] / 1e12:.3f} TFLOP/s"
+                      for precision in ("bf16", "fp32") if f"{precision}_flops_per_second" in peak)
+    return [f"The machine's matmul rate, measured in this run (`python -m bench.peak`: {peak['matmul_side']}² "
+            f"matrices, {peak['threads']} threads): {rates}."]
+
+
 def describe_seeds(rows: pd.DataFrame) -> list[str]:
-    """The runs of several seeds (rows <run>-seed<N>), per run: mean ± standard deviation over the seeds present."""
+    """The runs of several seeds (rows <run>-seed<N>), per run: mean ± standard deviation over the seeds present,
+    and the mean training time as a ratio to P, the peer's (airbench94's runs in one process)."""
     seeded = rows[rows["name"].str.contains(SEED_PART)]
     if seeded.empty:
         return []
-    summary = pd.DataFrame([summarise_seeds(run, runs)
+    peer = seeded[seeded["name"].map(without_seed) == PEER]["train_seconds"]
+    p_seconds = peer.mean() if len(peer) else None
+    summary = pd.DataFrame([summarise_seeds(run, runs, p_seconds)
                             for run, runs in seeded.groupby(seeded["name"].map(without_seed), sort=False)])
+    peer_line = (f" `ratio_to_P`: mean training time over P = {p_seconds:.1f} s, the mean of the `{PEER}` rows."
+                 if p_seconds else "")
     return ["Over seeds: mean ± standard deviation (sample, n − 1) of the rows `<run>-seed<N>` present; with one "
-            "seed so far, its figure alone.", "", markdown_table(summary), ""]
+            f"seed so far, its figure alone.{peer_line}", "", markdown_table(summary), ""]
 
 
-def summarise_seeds(run: str, runs: pd.DataFrame) -> dict:
-    return {"run": run, "seeds": ", ".join(str(seed) for seed in runs["seed"]),
-            **{column: mean_and_deviation(runs[column]) for column in SEED_SUMMARY_COLUMNS}}
+def summarise_seeds(run: str, runs: pd.DataFrame, p_seconds: float | None = None) -> dict:
+    summary = {"run": run, "seeds": ", ".join(str(seed) for seed in runs["seed"]),
+               **{column: mean_and_deviation(runs[column]) for column in SEED_SUMMARY_COLUMNS}}
+    if p_seconds:
+        summary["ratio_to_P"] = f"{runs['train_seconds'].mean() / p_seconds:.3f}"
+    return summary
 
 
 def mean_and_deviation(values: pd.Series) -> str:

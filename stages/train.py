@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.flop_counter import FlopCounterMode
 from dvclive import Live
 from tqdm import tqdm
 
@@ -113,8 +114,8 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
     with live_logger(args.live, ranks) as live:
         # The recipe that ran, preset resolved, as params: `dvc exp show` lists it among them.
         live.log_params(settings.model_dump(mode="json"))
-        train_seconds, privacy = fit(model, train_set, test_set, len(classes), params, compute, generator, live,
-                                     ranks)
+        train_seconds, privacy, flops = fit(model, train_set, test_set, len(classes), params, compute, generator,
+                                            live, ranks)
         images_seen = train_set.count * settings.epochs
         steps = math.ceil(train_set.count / min(settings.batch_size, train_set.count)) * settings.epochs
         allreduce = distributed.allreduce_seconds(model, ranks) if ranks.several else None
@@ -127,6 +128,7 @@ def train(args: argparse.Namespace, params: Params, compute: Compute, ranks: Ran
             "threads": torch.get_num_threads(),  # each process's
             "processes": ranks.world,
             "parameters": count_parameters(model),
+            "train_flops": flops.total,  # what the training steps computed, as FlopCount says
             # Several processes: one all-reduce of the gradients across them, and its share of a step's time.
             "allreduce_seconds": round(allreduce, 5) if allreduce is not None else None,
             "allreduce_share": round(allreduce / (train_seconds / steps), 4) if allreduce is not None else None,
@@ -443,9 +445,10 @@ def loss_function(settings: TrainParams, num_classes: int):
 
 
 def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes: int, params: Params,
-        compute: Compute, generator: torch.Generator, live: Live, ranks: Ranks = Ranks()) -> tuple[float, dict | None]:
-    """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds, and for a
-    private run what it spent."""
+        compute: Compute, generator: torch.Generator, live: Live, ranks: Ranks = Ranks()
+        ) -> tuple[float, dict | None, FlopCount]:
+    """Train for `train.epochs`; log each epoch to `live`; return the training wall time in seconds, for a
+    private run what it spent, and the FLOPs the steps computed."""
     settings = params.train
     loss_of = loss_function(settings, num_classes)
     steps_per_epoch = math.ceil(train_set.count / min(settings.batch_size, train_set.count))
@@ -456,6 +459,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     flips = Flips(settings.flip, train_set.count, generator, distributed.rank_generator(params.seed, ranks, generator))
     replicas = Replicas(ranks, compute)
     backbone = Backbone(model)
+    flops = FlopCount()
     private = private_steps(model, optimizers, settings, train_set.count, steps_per_epoch, generator)
     started = time.perf_counter()
     train_set, test_set = features_once(model, train_set, test_set, settings)
@@ -468,7 +472,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
         epoch_lr = optimizers[0].param_groups[0]["lr"]  # where the epoch starts on the schedule
         started = time.perf_counter()
         loss, accuracy = train_one_epoch(model, backbone, train_set, settings, compute, generator, optimizers,
-                                         schedules, loss_of, flips, epoch, average, private, replicas)
+                                         schedules, loss_of, flips, epoch, average, private, replicas, flops)
         train_seconds += time.perf_counter() - started
         live.log_metric("train/loss", loss)
         live.log_metric("train/accuracy", accuracy)
@@ -489,7 +493,7 @@ def fit(model: Classifier, train_set: ImageSet, test_set: ImageSet, num_classes:
     if average is not None:
         model.load_state_dict(kept.state_dict())
     unflatten_filters(model)
-    return train_seconds, private.spent() if private is not None else None
+    return train_seconds, private.spent() if private is not None else None, flops
 
 
 def private_steps(model: Classifier, optimizers: list[torch.optim.Optimizer], settings: TrainParams, images: int,
@@ -575,7 +579,7 @@ def weight_average(model: Classifier, decay: float) -> AveragedModel | None:
 def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedImageSet, settings: TrainParams,
                     compute: Compute, generator, optimizers, schedules, loss_of, flips: Flips, epoch: int,
                     average: AveragedModel | None, private: PrivateSteps | None = None,
-                    replicas: Replicas | None = None) -> tuple[float, float]:
+                    replicas: Replicas | None = None, flops: FlopCount | None = None) -> tuple[float, float]:
     """One pass over the training set. With several processes every rank draws the same batch order from
     `generator` and trains on its share of each batch (`distributed.share`), augmented from its own stream."""
     model.train()
@@ -595,6 +599,8 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedIma
     # On features computed once (features_once), the classifier alone trains: they need no augmenting either.
     trained = model.network.classifier if isinstance(train_set, FeatureSet) else model
     stepped = replicas(trained)  # DistributedDataParallel's, with several processes
+    seen = sum(len(whole) for whole in order)
+    flops = flops or FlopCount()
     for indices, whole, (images, labels) in tqdm(zip(shares, order, train_set.batches(shares)), total=len(order),
                                                  desc=f"epoch {epoch}", leave=False, disable=None if ranks.main else True):
         if trained is model:
@@ -602,17 +608,18 @@ def train_one_epoch(model, backbone: Backbone, train_set: ImageSet | StreamedIma
                                  flips.generator)
             if side < images.shape[-1]:
                 images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
-        if private is None:
-            loss, logits = train_step(stepped, images, labels, compute, optimizers, schedules, loss_of, aux_weight,
-                                      distributed.loss_weight(len(labels), len(whole), ranks))
-        else:
-            loss, logits = private_train_step(trained, images, labels, compute, private, schedules, loss_of, aux_weight)
+        with flops.counted(epoch, images_in_step=len(labels), images_in_epoch=seen):
+            if private is None:
+                loss, logits = train_step(stepped, images, labels, compute, optimizers, schedules, loss_of,
+                                          aux_weight, distributed.loss_weight(len(labels), len(whole), ranks))
+            else:
+                loss, logits = private_train_step(trained, images, labels, compute, private, schedules, loss_of,
+                                                  aux_weight)
         if average is not None:
             average.update_parameters(model)
         total_loss += loss.detach() * len(labels)
         total_correct += (logits.argmax(dim=1) == labels).sum()
     total_loss, total_correct = (distributed.summed(total, ranks) for total in (total_loss, total_correct))
-    seen = sum(len(whole) for whole in order)
     return total_loss.item() / max(1, seen), total_correct.item() / max(1, seen)
 
 
@@ -665,6 +672,28 @@ def train_step(model, images: torch.Tensor, labels: torch.Tensor, compute: Compu
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
     return loss, logits
+
+
+class FlopCount:
+    """The FLOPs training computed, as torch's FlopCounterMode counts them from the shapes: every convolution and
+    matmul that ran, forward, backward and the optimiser's own (Muon's Newton–Schulz products); elementwise work
+    and a cached front's (features_once) are left out. An epoch's first step (with images: a Poisson batch may
+    have none) is counted and its count per image scaled to the images the epoch trained on, all ranks': counting
+    every step would send each operation through Python dispatch."""
+
+    def __init__(self):
+        self.total = 0
+        self.epochs: set[int] = set()
+
+    @contextlib.contextmanager
+    def counted(self, epoch: int, images_in_step: int, images_in_epoch: int):
+        if epoch in self.epochs or images_in_step == 0:
+            yield
+            return
+        self.epochs.add(epoch)
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.total += round(counter.get_total_flops() * images_in_epoch / images_in_step)
 
 
 class Backbone:

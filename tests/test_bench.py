@@ -29,7 +29,8 @@ def run_bench(images: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     settings = [argument for setting in SMOKE_SETTINGS for argument in ("--set", setting)]
     return subprocess.run(
         [sys.executable, "-m", "bench", "--images", images.name, "--out", out.name, "--presets", "default",
-         "--params", str(PROJECT_ROOT / "params.yaml"), "--tutorial-epochs", "1", *settings, *extra],
+         "--params", str(PROJECT_ROOT / "params.yaml"), "--tutorial-epochs", "1", "--matmul-side", "256", *settings,
+         *extra],
         cwd=out.parent, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=300,
     )
 
@@ -60,8 +61,18 @@ def test_tutorial_and_preset_rows_are_written_with_sane_figures(benchmarked):
     assert rows.loc["tutorial", "precision"] == "fp32" and rows.loc["default", "threads"] == 1
     assert rows.loc["default", ["seed", "processes"]].tolist() == [0, 1] and rows.loc["default", "eval_seconds"] > 0
     assert rows.loc["default", ["allreduce_seconds", "allreduce_share"]].isna().all()  # one process: no all-reduce
+    # Training's FLOPs as train counted them, per second, and as a share of the matmul rate measured in the run.
+    trained = json.loads((out / "runs" / "default" / "reports" / "train" / "metrics.json").read_text())
+    peak = json.loads((out / "peak.json").read_text())
+    assert trained["train_flops"] > 0 and peak["matmul_side"] == 256 and peak["fp32_flops_per_second"] > 0
+    assert rows.loc["default", "train_tflop"] == pytest.approx(trained["train_flops"] / 1e12, rel=1e-3)
+    rate = trained["train_flops"] / rows.loc["default", "train_seconds"]
+    assert rows.loc["default", "tflops"] == pytest.approx(rate / 1e12, rel=0.01)
+    precision = rows.loc["default", "precision"]  # bf16 where the CPU runs it natively, and its matmul was timed
+    assert rows.loc["default", "peak_share"] == pytest.approx(rate / peak[f"{precision}_flops_per_second"], rel=0.01)
+    assert rows.loc["tutorial", ["train_tflop", "peak_share"]].isna().all()
     markdown = (out / "results.md").read_text()
-    assert "T = **" in markdown and "| default " in markdown
+    assert "T = **" in markdown and "| default " in markdown and "The machine's matmul rate" in markdown
     assert (out / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -189,7 +200,7 @@ def test_several_seeds_give_a_row_each_and_their_mean_and_deviation(benchmarked,
 
 # What train's DVCLive summary and evaluate's metrics gave columns for after the first results.csv files.
 COLUMNS_ADDED_LATER = ("seed", "processes", "eval_seconds", "allreduce_seconds", "allreduce_share", "parameters",
-                       "batch_size")
+                       "batch_size", "train_tflop", "tflops", "peak_share")
 
 
 def test_two_processes_give_a_2proc_row_and_a_file_from_before_the_columns_resumes(benchmarked, tmp_path):

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from ruamel.yaml import YAML
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import AUGMENTED_PARAMS, TINY_CLASSES, TINY_PARAMS, Project, finished, prepare_tiny_set
 from datamaker import make_image_folder, write_params
@@ -125,6 +126,21 @@ def test_the_summary_has_the_time_speed_device_and_precision_of_the_run(trained_
     assert summary["images_per_second"] > 0
     assert (summary["device"], summary["precision"], summary["threads"]) == ("cpu", NATIVE_PRECISION, 1)
     assert summary["train_images"] == 30 + 60, "the prepared images and augment's copies"
+
+
+def test_the_summary_counts_the_flops_of_training_forward_and_backward_for_every_image_seen(runs):
+    project = finished(runs, "smaller-than-a-batch")  # lenet and Adam: no matmul outside the network
+    model, description = load_checkpoint(project.model)
+    summary = summary_of(project)
+
+    side = description["image_size"]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, side, side))
+    forward = counter.get_total_flops()
+    images_seen = summary["train_images"] * description["params"]["train"]["epochs"]
+    # The backward computes the weights' gradients (a forward's worth) and the inputs' (another), but not the
+    # images' own: between two and three forwards in all.
+    assert 2 * forward * images_seen < summary["train_flops"] < 3 * forward * images_seen
 
 
 def test_each_curve_has_one_row_per_epoch(trained_project):
