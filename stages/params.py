@@ -202,6 +202,7 @@ def is_set(value) -> bool:
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     tta: Literal[TTAS]
+    tta_share: float = Field(gt=0, le=1)  # of the test images, the least confident, that tta is applied to
     audit_images: int = Field(ge=1)
 
 

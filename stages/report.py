@@ -48,7 +48,7 @@ from stages.membership import AUDIT
 from stages.metrics import HEADLINE, PRIVACY, epsilon_of
 from stages.models import Classifier, load_checkpoint
 from stages.outputs import atomic_path
-from stages.params import AugmentParams, CompressParams, Params, load_params
+from stages.params import AugmentParams, CompressParams, EvaluateParams, Params, load_params
 
 log = logging.getLogger("report")
 
@@ -139,7 +139,7 @@ def main() -> None:
 
     title = f"{trained['architecture']} on {Path(meta['source']).name}"
     sections = [
-        headline_section(metrics, params.evaluate.tta, trained, train_summary, earlier),
+        headline_section(metrics, params.evaluate, trained, train_summary, earlier),
         per_class_section(per_class),
         confusion_section(confusion, predictions),
         mistakes_section(grid, mistakes, settings.misclassified_grid),
@@ -377,9 +377,11 @@ def png_bytes(figure: Figure) -> bytes:
 # --- sections ------------------------------------------------------------------------------
 
 
-def headline_section(metrics: dict, tta: str, trained: dict, train_summary: dict, earlier: dict[str, dict]
-                     ) -> Section:
-    tta = "no test-time augmentation" if tta == "none" else f"test-time augmentation: {tta}"
+def headline_section(metrics: dict, scoring: EvaluateParams, trained: dict, train_summary: dict,
+                     earlier: dict[str, dict]) -> Section:
+    tta = "no test-time augmentation" if scoring.tta == "none" else f"test-time augmentation: {scoring.tta}"
+    if scoring.tta != "none" and scoring.tta_share < 1:
+        tta += f" on the {scoring.tta_share:.0%} least confident"
     table = pd.DataFrame({"metric": list(HEADLINE.values()), "this run": [f"{metrics[key]:.2%}" for key in HEADLINE]})
     for name, other in earlier.items():
         table[name] = [f"{other[key]:.2%}" if key in other else "–" for key in HEADLINE]

@@ -33,6 +33,16 @@ def evaluations(trained_project, tmp_path_factory) -> dict[str, tuple[Project, s
         return dict(zip(TTA, pool.map(evaluate, TTA)))
 
 
+@pytest.fixture(scope="module")
+def evaluated_in_part(trained_project, tmp_path_factory) -> Project:
+    """evaluate with flip_translate on the least confident half of the test images alone."""
+    project = trained_project.copy(tmp_path_factory.mktemp("in-part") / "project", "data/prepared", "models")
+    project.write_params({**AUGMENTED_PARAMS, "evaluate.tta": "flip_translate", "evaluate.tta_share": 0.5})
+    result = project.evaluate()
+    assert result.returncode == 0, result.stderr
+    return project
+
+
 @pytest.fixture(params=TTA, ids=[f"tta-{tta}" for tta in TTA])
 def evaluated(request, evaluations) -> Project:
     """The project evaluated with each evaluate.tta in turn, which finished without error."""
@@ -110,3 +120,18 @@ def test_predictions_name_the_actual_and_predicted_class_of_every_test_image_in_
     assert set(predictions["predicted"]) <= set(TINY_CLASSES)
     # The winning class's probability, at least 1/classes (written rounded to 6 decimals).
     assert predictions["confidence"].between(round(1 / len(TINY_CLASSES), 6), 1).all()
+
+
+def test_a_tta_share_augments_the_least_confident_images_alone_and_keeps_the_plain_answer_of_the_others(
+        evaluated_in_part, evaluations):
+    plain, augmented = (predictions_of(evaluations[tta][0]) for tta in ("none", "flip_translate"))
+    in_part = predictions_of(evaluated_in_part)
+
+    doubtful = plain["confidence"].rank(method="first") <= len(plain) / 2  # the least confident half
+    assert doubtful.sum() == 6
+    for chosen, source in ((doubtful, augmented), (~doubtful, plain)):
+        assert in_part.loc[chosen, "predicted"].tolist() == source.loc[chosen, "predicted"].tolist()
+        assert in_part.loc[chosen, "confidence"].tolist() == pytest.approx(source.loc[chosen, "confidence"].tolist(),
+                                                                          abs=1e-3)
+    assert metrics_of(evaluated_in_part)["accuracy"] == pytest.approx(
+        (in_part["actual"] == in_part["predicted"]).mean(), abs=1e-6)

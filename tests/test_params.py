@@ -24,6 +24,8 @@ REFUSED = [
     pytest.param("compress.int8_backend", "avx512", ["'auto', 'x86', 'fbgemm', 'onednn' or 'qnnpack'", "'avx512'"],
                  id="int8-backend"),
     pytest.param("compress.prune_amount", 1.0, ["less than 1"], id="prune-everything"),
+    pytest.param("evaluate.tta_share", 0, ["greater than 0"], id="tta-share-zero"),
+    pytest.param("evaluate.tta_share", 1.5, ["less than or equal to 1"], id="tta-share-above-one"),
 ]
 
 
