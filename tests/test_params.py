@@ -222,12 +222,12 @@ def fix_of(message: str) -> dict:
 
 @pytest.mark.parametrize(("overrides", "reasons", "fix"), [
     ({"train.model": "lenet"},
-     ["train.model is lenet, but preset default is a recipe for convnet: its widths [64,256,256], whiten_bias_epochs 3, "
+     ["train.model is lenet, but preset default is a recipe for convnet: its widths [64,192,192], whiten_bias_epochs 3, "
       "batchnorm_momentum 0.4, frozen_batchnorm_scale true are convnet's; its optimizer muon trains convnet only; "
-      "its progressive resizing (resize_from 20) does not fit lenet"],
+      "its progressive resizing (resize_from 16) does not fit lenet"],
      {"train.preset": "lenet"}),
     ({"train.model": "resnet18", "train.optimizer": "sgd"},
-     ["train.model is resnet18, but preset default is a recipe for convnet: its widths [64,256,256], "
+     ["train.model is resnet18, but preset default is a recipe for convnet: its widths [64,192,192], "
       "whiten_bias_epochs 3, batchnorm_momentum 0.4, frozen_batchnorm_scale true are convnet's",
       "train.optimizer is sgd, but train.lr 0.17 is preset default's for muon: set train.lr for sgd too"],
      {"train.preset": "finetune", "train.weights": "random", "train.freeze_epochs": 0}),
