@@ -258,7 +258,10 @@ def decoders(processes: int) -> Iterator[ProcessPoolExecutor | None]:
         try:
             yield pool
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Waiting joins the pool's manager thread, at most a few chunks: one still running at exit races
+            # Python's own exit hook, which then writes to the pipe the thread is closing ("Bad file descriptor"
+            # traceback after the error message; CPython bpo-39098, its lock in gh-125451 is not in 3.11).
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
