@@ -39,7 +39,10 @@ class ChildFailed(Exception):
 def run_module(module: str, *args: str, cwd: Path, log_file: Path, tag: str) -> Finished:
     """`python -m module args` in cwd, as DVC would run it; every line it prints goes to log_file
     and, prefixed with `tag`, to the bench's log. Raises ChildFailed on a non-zero exit."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    # This interpreter's folder first on PATH: `python` in dvc.yaml's commands is then this interpreter, as with
+    # the virtual environment activated, also when the bench was started as `.venv/bin/python -m bench`.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+               PATH=os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])))
     command = [sys.executable, "-m", module, *args]
     last_lines: list[str] = []
     with open(log_file, "a") as log_out:

@@ -6,6 +6,7 @@ seeds and process counts give a row each."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,17 @@ SMOKE_SETTINGS = ["data.image_size=16", "train.epochs=1", "train.widths=[8,16,16
 
 def run_bench(images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The benchmark run from the folder holding `images` and `out`, both given as relative paths,
-    as the README's command gives them."""
+    as the README's command gives them, by this interpreter's path with its folder off PATH: as
+    `.venv/bin/python -m bench` without the environment activated, whose stages must still run on it."""
     settings = [argument for setting in SMOKE_SETTINGS for argument in ("--set", setting)]
+    interpreter_folder = str(Path(sys.executable).parent)
+    path = os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep) if folder != interpreter_folder)
     return subprocess.run(
         [sys.executable, "-m", "bench", "--images", images.name, "--out", out.name, "--presets", "default",
          "--params", str(PROJECT_ROOT / "params.yaml"), "--tutorial-epochs", "1", "--matmul-side", "256", *settings,
          *extra],
-        cwd=out.parent, env=stage_environment(ONE_THREAD), capture_output=True, text=True, timeout=300,
+        cwd=out.parent, env=stage_environment({**ONE_THREAD, "PATH": path}), capture_output=True, text=True,
+        timeout=300,
     )
 
 

@@ -196,7 +196,11 @@ def test_a_signal_to_the_retrain_command_stops_dvc_and_its_stage(server, prefect
     train_starts(repo)
 
     process.send_signal(stop)
-    assert_stopped_and_lock_free(repo)
+    try:
+        assert_stopped_and_lock_free(repo)
+    except AssertionError as error:  # what the flow said, to tell why
+        process.kill()
+        raise AssertionError(f"{error}\nflows.retrain printed:\n{process.communicate()[0][-4000:]}") from None
     output, _ = process.communicate(timeout=60)
     assert "Finished in state Crashed" in output
     if stop == signal.SIGINT:
