@@ -188,10 +188,17 @@ def retrain_needed(repo: Path, epochs: int, processes: int | None = None) -> Non
     (repo / "params.yaml").write_text(text)
 
 
+# Python started with SIGINT at its default, as in a terminal: a shell without job control starts background
+# commands (`pytest &` in a script) with SIGINT ignored, which their children inherit, and Ctrl-C's
+# KeyboardInterrupt would then never come.
+IN_THE_FOREGROUND = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_retrain_command_stops_dvc_and_its_stage(server, prefect_env, repo, stop):
     retrain_needed(repo, 41 + stop)
-    process = subprocess.Popen([sys.executable, "-m", "flows.retrain"], cwd=repo, env=prefect_env,
+    process = subprocess.Popen([*IN_THE_FOREGROUND, "-m", "flows.retrain"], cwd=repo, env=prefect_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     train_starts(repo)
 
