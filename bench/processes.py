@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from flows.pipeline import stage_environment
+
 log = logging.getLogger("bench")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +41,10 @@ class ChildFailed(Exception):
 def run_module(module: str, *args: str, cwd: Path, log_file: Path, tag: str) -> Finished:
     """`python -m module args` in cwd, as DVC would run it; every line it prints goes to log_file
     and, prefixed with `tag`, to the bench's log. Raises ChildFailed on a non-zero exit."""
-    # This interpreter's folder first on PATH: `python` in dvc.yaml's commands is then this interpreter, as with
-    # the virtual environment activated, also when the bench was started as `.venv/bin/python -m bench`.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-               PATH=os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])))
+    # As the flows run DVC: `python` in dvc.yaml is this interpreter, also when the bench was started as
+    # `.venv/bin/python -m bench` without the environment activated.
+    env = dict(stage_environment(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", module, *args]
     last_lines: list[str] = []
     with open(log_file, "a") as log_out:
